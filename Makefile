@@ -1,0 +1,41 @@
+# Entry points: `make test` (CI) and `make demo`; both build .venv first via `make install`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-slow lint proto proto-check demo clean
+
+install: $(STAMP)
+
+# torch is pinned first so the project's looser `torch>=` requirement is already met by the CPU
+# wheel and pip never pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: install
+	$(PY) -m pytest -m slow -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+proto: install
+	$(PY) tools/gen_proto.py
+
+proto-check: install
+	$(PY) tools/gen_proto.py --check
+
+demo: install
+	$(PY) -m benchmarks.demo --out demo-output
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,86 @@
+"""Start real fcl-server / fcl-client processes on loopback (for the demo, benchmarks and tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # several processes share this machine's cores: one thread each avoids oversubscription
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def enroll(state_dir: Path, name: str, admin: bool = False) -> str:
+    cmd = [sys.executable, "-m", "fcl_server.cli", "enroll", "--state-dir", str(state_dir), name]
+    out = subprocess.run(cmd + (["--admin"] if admin else []), check=True, capture_output=True, text=True, env=_env())
+    return out.stdout.strip()
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 120.0) -> int:
+        """SIGTERM (graceful drain) and wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start_server(state_dir: Path, log_path: Path, *extra: str, wait_s: float = 180.0) -> ServerProcess:
+    """Run `fcl-server serve` on 127.0.0.1:0 and wait until it reports its port."""
+    port_file = state_dir / "port"
+    port_file.unlink(missing_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "fcl_server.cli", "serve", "--state-dir", str(state_dir),
+           "--listen", "127.0.0.1:0", "--port-file", str(port_file), *extra]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if port_file.exists():
+            return ServerProcess(proc, int(port_file.read_text()), log_path)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"fcl-server did not start (exit {proc.poll()}):\n{log_path.read_text(errors='replace')[-3000:]}")
+
+
+def start_client(
+    target: str, client_id: str, token: str, stream: Path, model: str, work_dir: Path, log_path: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "fcl_client.cli", "run", "--server", target, "--client-id", client_id,
+           "--token", token, "--stream", str(stream), "--model", model, "--work-dir", str(work_dir), *extra]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())

@@ -1,0 +1,111 @@
+"""One-by-One Distillation of an uploaded small model into the FM's global and personalised heads (DESIGN §3.2)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common.algorithms.losses import column_index, kd_loss
+from common.algorithms.stats import StatsBank
+from common.config import OBODConfig
+from common.zoo import SmallModel, parse_spec
+
+
+@dataclass
+class Head:
+    """An FM knowledge head (G or P_c): a model over FM features and the label of each output column."""
+
+    model: SmallModel
+    labels: list[str]
+
+    def copy(self) -> Head:
+        return Head(copy.deepcopy(self.model), list(self.labels))
+
+
+@dataclass
+class Teacher:
+    """An uploaded small model with its label names (its output columns)."""
+
+    model: SmallModel
+    labels: list[str]
+
+
+def distill_global(
+    head: Head | None, teacher: Teacher, public: torch.Tensor, bank: StatsBank, cfg: OBODConfig, seed: int = 0
+) -> Head:
+    """G ← one OBOD step with `teacher`: KD on the public features, anchor on other labels, bank CE."""
+    if head is None:
+        model = SmallModel(parse_spec(cfg.head_spec), public.shape[1], len(teacher.labels))
+        head = Head(model, [])
+    new = head.copy()
+    new.labels += [y for y in teacher.labels if y not in set(head.labels)]
+    new.model.grow(len(new.labels))
+    _fit(new, head, teacher, public, bank, bank.labels(), cfg, cfg.epochs, seed)
+    return new
+
+
+def personalise(
+    global_head: Head, teacher: Teacher, public: torch.Tensor, bank: StatsBank, cfg: OBODConfig, seed: int = 0
+) -> Head:
+    """P_c ← the new G, fitted further to client c's teacher (anchored to G on the other labels)."""
+    personal = global_head.copy()
+    if cfg.personal_epochs > 0:
+        _fit(personal, global_head, teacher, public, bank, bank.labels(), cfg, cfg.personal_epochs, seed + 1)
+    return personal
+
+
+def _fit(
+    student: Head,
+    anchor: Head,
+    teacher: Teacher,
+    public: torch.Tensor,
+    bank: StatsBank,
+    proto_labels: list[str],
+    cfg: OBODConfig,
+    epochs: int,
+    seed: int,
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    device = next(student.model.parameters()).device
+    teacher_cols = column_index(student.labels, teacher.labels).to(device)
+    taught = set(teacher.labels)
+    kept = [y for y in anchor.labels if y not in taught]
+    kept_student, kept_anchor = column_index(student.labels, kept).to(device), column_index(anchor.labels, kept)
+    proto_labels = [y for y in proto_labels if y in set(student.labels)]
+    sampler = bank.sampler(proto_labels) if proto_labels else None
+    proto_cols = column_index(student.labels, proto_labels)
+
+    with torch.no_grad():
+        u = public.to(device)
+        teacher_logits = _batched(teacher.model.eval(), u)
+        anchor_logits = _batched(anchor.model.eval(), u)[:, kept_anchor.to(device)] if kept else None
+
+    opt = torch.optim.Adam(student.model.parameters(), lr=cfg.lr)
+    student.model.train()
+    # a small public corpus must not mean a handful of optimizer steps: train for at least min_steps
+    steps = max(cfg.min_steps, epochs * max(1, (len(u) + cfg.batch_size - 1) // cfg.batch_size))
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        if len(order) < cfg.batch_size:
+            order = torch.cat([order, torch.randperm(len(u), generator=gen)])
+        idx, order = order[: cfg.batch_size].to(device), order[cfg.batch_size :]
+        logits = student.model(u[idx])
+        loss = kd_loss(teacher_logits[idx], logits[:, teacher_cols], cfg.temperature)
+        if anchor_logits is not None and cfg.lambda_anchor > 0:
+            loss = loss + cfg.lambda_anchor * F.mse_loss(logits[:, kept_student], anchor_logits[idx])
+        if sampler is not None and cfg.lambda_proto > 0:
+            which = torch.randint(len(proto_labels), (cfg.proto_batch,), generator=gen)
+            feats = sampler.draw(which, gen).to(device)
+            target = proto_cols[which].to(device)
+            loss = loss + cfg.lambda_proto * F.cross_entropy(student.model(feats), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    student.model.eval()
+
+
+def _batched(model: SmallModel, x: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+    return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])

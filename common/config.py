@@ -1,0 +1,40 @@
+"""Hyper-parameters of the learning algorithms, validated by pydantic (shared by clients, server, benchmark)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SMCFConfig(BaseModel):
+    """Small Model Continual Fine-tuning (DESIGN §3.1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(2.0, gt=0)
+    lambda_old: float = Field(1.0, ge=0, description="weight of LwF distillation from the previous model")
+    lambda_fm: float = Field(0.5, ge=0, description="weight of FM assistance from the personalised head")
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(20, ge=1)
+    min_steps: int = Field(200, ge=1, description="least optimizer steps per task (more epochs on small tasks)")
+    batch_size: int = Field(64, ge=1)
+    replay: bool = Field(True, description="replay pseudo-features of old labels from the statistics bank")
+    share_stats: bool = Field(True, description="include class statistics in uploads")
+    stats_noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to shared statistics")
+
+
+class OBODConfig(BaseModel):
+    """One-by-One Distillation (DESIGN §3.2)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    head_spec: str = Field("mlp:768:gelu", description="zoo spec of the FM's global/personal heads")
+    temperature: float = Field(2.0, gt=0)
+    epochs: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(256, ge=1)
+    lambda_anchor: float = Field(1.0, ge=0, description="keep logits of labels other teachers taught")
+    lambda_proto: float = Field(1.0, ge=0, description="CE on pseudo-features of the statistics bank")
+    proto_batch: int = Field(256, ge=1, description="pseudo-features from the statistics bank per step")
+    min_steps: int = Field(300, ge=1, description="least optimizer steps per fit, however small the corpus")
+    personal_epochs: int = Field(4, ge=0, description="extra epochs fitting P_c to its client's teacher")

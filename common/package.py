@@ -1,0 +1,236 @@
+"""Knowledge packages: a model spec, its weights, label names and class statistics in one safetensors file.
+
+The file holds tensors `model.*` (weights) and optionally `stats.count/mean/std`, and string metadata
+(`format`, `kind`, `spec`, `labels`, `counts`, `fm_digest`, `feature_dim`). Never pickle: a package is
+data, and `decode_package` validates every field against the model zoo before anything uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from common.algorithms.stats import StatsBank
+from common.zoo import ModelSpec, SmallModel, SpecError, expected_shapes
+
+FORMAT = "fcl-knowledge/1"
+KINDS = ("small", "head")
+LABEL_RE = re.compile(r"[\w.\-:/ ]{1,128}", re.UNICODE)
+STATS_TENSORS = ("stats.count", "stats.mean", "stats.std")
+
+
+class PackageError(ValueError):
+    """A knowledge package is malformed or unsafe; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class PackageLimits:
+    max_bytes: int = 256 * 1024 * 1024
+    max_labels: int = 10_000
+    max_feature_dim: int = 8192
+
+
+@dataclass
+class KnowledgePackage:
+    """A small model (kind 'small') or an FM head (kind 'head') with its label names."""
+
+    spec: ModelSpec
+    labels: list[str]
+    weights: dict[str, torch.Tensor]
+    feature_dim: int
+    fm_digest: str
+    kind: str = "small"
+    counts: list[int] = field(default_factory=list)
+    stats: StatsBank | None = None
+
+    def build(self) -> SmallModel:
+        model = SmallModel(self.spec, self.feature_dim, len(self.labels))
+        model.load_state_dict(self.weights)
+        return model.eval()
+
+    @classmethod
+    def from_model(
+        cls,
+        model: SmallModel,
+        labels: list[str],
+        fm_digest: str,
+        kind: str = "small",
+        counts: list[int] | None = None,
+        stats: StatsBank | None = None,
+    ) -> KnowledgePackage:
+        weights = {k: v.detach().cpu().contiguous().float() for k, v in model.state_dict().items()}
+        return cls(model.spec, list(labels), weights, model.in_dim, fm_digest, kind, list(counts or []), stats)
+
+
+def encode_package(pkg: KnowledgePackage) -> bytes:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in pkg.weights.items()}
+    if pkg.stats is not None and pkg.stats.stats:
+        labels, counts, means, stds = pkg.stats.to_tensors()
+        tensors.update({"stats.count": counts, "stats.mean": means, "stats.std": stds})
+        stats_labels = labels
+    else:
+        stats_labels = []
+    metadata = {
+        "format": FORMAT,
+        "kind": pkg.kind,
+        "spec": pkg.spec.to_json(),
+        "labels": json.dumps(pkg.labels),
+        "counts": json.dumps(pkg.counts),
+        "stats_labels": json.dumps(stats_labels),
+        "fm_digest": pkg.fm_digest,
+        "feature_dim": str(pkg.feature_dim),
+    }
+    return st_save(tensors, metadata=metadata)
+
+
+def decode_package(data: bytes, limits: PackageLimits | None = None) -> KnowledgePackage:
+    """Parse and validate a package; raises PackageError naming the first problem found."""
+    limits = limits or PackageLimits()
+    if len(data) > limits.max_bytes:
+        raise PackageError(f"package is {len(data)} bytes, over the limit of {limits.max_bytes}")
+    if data[:2] == b"PK" or data[:1] == b"\x80":
+        raise PackageError("package is a zip/pickle (torch.save) payload; only safetensors is accepted")
+    try:
+        tensors = st_load(data)
+        metadata = _read_metadata(data)
+    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+        raise PackageError(f"package is not a valid safetensors file: {exc}") from exc
+    if metadata.get("format") != FORMAT:
+        raise PackageError(f"package format is {metadata.get('format')!r}, expected {FORMAT!r}")
+    kind = metadata.get("kind", "")
+    if kind not in KINDS:
+        raise PackageError(f"package kind {kind!r} is not one of {KINDS}")
+    spec = _parse_spec(metadata.get("spec", ""))
+    labels = _parse_labels(metadata.get("labels", ""), limits)
+    feature_dim = _parse_int(metadata.get("feature_dim", ""), "feature_dim", 1, limits.max_feature_dim)
+    counts = _parse_counts(metadata.get("counts", "[]"), len(labels))
+    unknown = [k for k in tensors if not k.startswith("model.") and k not in STATS_TENSORS]
+    if unknown:
+        raise PackageError(f"package has tensors outside the format: {sorted(unknown)[:5]}")
+    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    _check_weights(weights, spec, feature_dim, len(labels))
+    stats = _parse_stats(tensors, metadata.get("stats_labels", "[]"), labels, feature_dim)
+    return KnowledgePackage(spec, labels, weights, feature_dim, metadata.get("fm_digest", ""), kind, counts, stats)
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict):
+        raise ValueError("metadata is not a string map")
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def _parse_spec(text: str) -> ModelSpec:
+    try:
+        return ModelSpec.model_validate_json(text)
+    except (ValidationError, SpecError) as exc:
+        raise PackageError(f"package spec is not a valid zoo spec: {exc}") from exc
+
+
+def _parse_labels(text: str, limits: PackageLimits) -> list[str]:
+    try:
+        labels = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PackageError("package labels are not a JSON list") from exc
+    if not isinstance(labels, list) or not labels:
+        raise PackageError("package labels must be a non-empty JSON list of strings")
+    if len(labels) > limits.max_labels:
+        raise PackageError(f"package has {len(labels)} labels, over the limit of {limits.max_labels}")
+    for label in labels:
+        if not isinstance(label, str) or not LABEL_RE.fullmatch(label):
+            raise PackageError(
+                f"label {str(label)[:40]!r} is invalid: use 1-128 letters, digits, spaces or . - _ : /"
+            )
+    if len(set(labels)) != len(labels):
+        raise PackageError("package labels contain duplicates")
+    return labels
+
+
+def _parse_int(text: str, name: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise PackageError(f"package {name} is not an integer") from exc
+    if not low <= value <= high:
+        raise PackageError(f"package {name}={value} is outside {low}..{high}")
+    return value
+
+
+def _parse_counts(text: str, num_labels: int) -> list[int]:
+    try:
+        counts = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PackageError("package counts are not a JSON list") from exc
+    if not isinstance(counts, list) or any(type(c) is not int or c < 0 for c in counts):
+        raise PackageError("package counts must be a list of non-negative integers")
+    if counts and len(counts) != num_labels:
+        raise PackageError(f"package has {len(counts)} counts for {num_labels} labels")
+    return counts
+
+
+def _check_weights(weights: dict[str, torch.Tensor], spec: ModelSpec, dim: int, num_labels: int) -> None:
+    expected = expected_shapes(spec, dim, num_labels)
+    if set(weights) != set(expected):
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        raise PackageError(f"weights do not match the spec: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, tensor in weights.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise PackageError(f"weight {name} has shape {tuple(tensor.shape)}, spec needs {expected[name]}")
+        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise PackageError(f"weight {name} has dtype {tensor.dtype}; use float32")
+        if not torch.isfinite(tensor).all():
+            raise PackageError(f"weight {name} contains NaN or Inf")
+    for name in weights:
+        weights[name] = weights[name].float()
+
+
+def _parse_stats(
+    tensors: dict[str, torch.Tensor], labels_text: str, labels: list[str], dim: int
+) -> StatsBank | None:
+    if not any(k in tensors for k in STATS_TENSORS):
+        return None
+    try:
+        stats_labels = json.loads(labels_text)
+    except json.JSONDecodeError as exc:
+        raise PackageError("package stats_labels are not a JSON list") from exc
+    if not isinstance(stats_labels, list) or not all(isinstance(y, str) for y in stats_labels):
+        raise PackageError("package stats_labels must be a JSON list of label names")
+    if len(set(stats_labels)) != len(stats_labels):
+        raise PackageError("statistics name a label twice")
+    if not set(stats_labels) <= set(labels):
+        raise PackageError("statistics name labels that the package does not have")
+    counts, means, stds = (tensors.get(f"stats.{k}") for k in ("count", "mean", "std"))
+    n = len(stats_labels)
+    if counts is None or means is None or stds is None:
+        raise PackageError("statistics need stats.count, stats.mean and stats.std")
+    if counts.shape != (n,) or means.shape != (n, dim) or stds.shape != (n, dim):
+        raise PackageError(f"statistics shapes do not match {n} labels of dimension {dim}")
+    if not all(torch.isfinite(t).all() for t in (counts, means, stds)) or (counts <= 0).any():
+        raise PackageError("statistics contain NaN/Inf or non-positive counts")
+    return StatsBank.from_tensors(stats_labels, counts.float(), means.float(), stds.float().abs())
+
+
+def encode_stats(bank: StatsBank) -> bytes:
+    """A statistics bank alone (the server's bank across clients) as safetensors."""
+    labels, counts, means, stds = bank.to_tensors()
+    tensors = {"stats.count": counts, "stats.mean": means, "stats.std": stds}
+    return st_save(tensors, metadata={"format": FORMAT, "kind": "stats", "labels": json.dumps(labels),
+                                      "feature_dim": str(bank.dim)})
+
+
+def decode_stats(data: bytes) -> StatsBank:
+    tensors, metadata = st_load(data), _read_metadata(data)
+    bank = StatsBank.from_tensors(
+        json.loads(metadata["labels"]), tensors["stats.count"], tensors["stats.mean"], tensors["stats.std"]
+    )
+    bank.dim = int(metadata["feature_dim"])
+    return bank

@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs of protos/ (regenerate with `make proto`; never edit by hand)."""

@@ -1,0 +1,193 @@
+"""The edge client's main loop: per task train (SMCF) → upload → wait for OBOD → download P_c → evaluate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.config import SMCFConfig
+from common.datasets.streams import Task, load_task_stream
+from common.fm import DEFAULT_FM, FoundationModel, FoundationModelError, cached_features, default_device, extract_fm_archive
+from common.package import encode_package
+from common.stubs.fcl.v1 import fcl_pb2 as pb
+from common.zoo import parse_spec
+from fcl_client.checkpoint import CheckpointStore, Progress, Step
+from fcl_client.connection import Connection
+from fcl_client.learner import Learner
+
+log = logging.getLogger(__name__)
+FM_PATH_FILE = "fm_path"
+
+
+class ClientConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    server: str
+    client_id: str
+    token: str
+    stream: Path
+    model: str = "mlp:256"
+    work_dir: Path
+    device: str = Field(default_factory=default_device)
+    fm: str = DEFAULT_FM
+    smcf: SMCFConfig = Field(default_factory=SMCFConfig)
+    seed: int = 0
+    timeout: float = 60.0
+
+
+@dataclass
+class RunSummary:
+    tasks_done: int
+    failed_jobs: list[int] = field(default_factory=list)
+    metrics: list[dict[str, object]] = field(default_factory=list)
+
+
+class ClientRunner:
+    def __init__(self, cfg: ClientConfig, conn: Connection, say: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.conn = conn
+        self.say = say
+        self.spec = parse_spec(cfg.model)
+        self.store = CheckpointStore(cfg.work_dir)
+        self.metrics_path = cfg.work_dir / "metrics.json"
+
+    def run(self) -> RunSummary:
+        stream = load_task_stream(self.cfg.stream)
+        fm = self.resolve_fm()
+        progress, learner = self.store.load()
+        learner = learner or Learner(self.spec, fm.feature_dim, fm.digest)
+        if learner.fm_digest != fm.digest:
+            raise FoundationModelError(
+                f"the checkpoint in {self.cfg.work_dir} was trained on another FM ({learner.fm_digest[:12]}) than "
+                f"the server's ({fm.digest[:12]}); use a new --work-dir"
+            )
+        for index, task in enumerate(stream):
+            if index < progress.task_index:
+                continue
+            if progress.task_index != index or progress.task_name != task.name:
+                progress = Progress(task_index=index, task_name=task.name, snapshot=progress.snapshot,
+                                    failed_jobs=progress.failed_jobs)
+            self.say(f"[{self.cfg.client_id}] task {index + 1}/{len(stream)} {task.name}: "
+                     f"{len(task.train)} examples of {len(task.labels)} labels")
+            self._run_task(fm, stream, index, progress, learner)
+            progress = Progress(task_index=index + 1, snapshot=progress.snapshot, failed_jobs=progress.failed_jobs)
+            self.store.save(progress, learner)
+        return RunSummary(len(stream), progress.failed_jobs, self._load_metrics())
+
+    def _run_task(self, fm: FoundationModel, stream: list[Task], index: int, progress: Progress, learner: Learner) -> None:
+        task = stream[index]
+        if progress.step < Step.TRAINED:
+            feats = self._features(fm, [ex.text for ex in task.train])
+            learner.train(feats, [ex.label for ex in task.train], self.cfg.smcf, seed=self.cfg.seed * 1000 + index)
+            progress.step, progress.upload_id = Step.TRAINED, uuid.uuid4().hex
+            self.store.save(progress, learner)
+            self.say(f"[{self.cfg.client_id}]   trained small model ({len(learner.labels)} labels seen)")
+        if progress.step < Step.UPLOADED:
+            data = encode_package(learner.package(self.cfg.smcf, seed=self.cfg.seed * 1000 + index))
+            receipt = self.conn.upload(data, progress.upload_id, task.name, index, fm.digest)
+            progress.step, progress.job_id, progress.bytes_up = Step.UPLOADED, receipt.job_id, len(data)
+            self.store.save(progress, learner)
+            self.say(f"[{self.cfg.client_id}]   uploaded {len(data)} bytes, job {receipt.job_id}")
+        if progress.step < Step.DOWNLOADED:
+            progress.bytes_down = self._await_head(progress, learner)
+            progress.step = Step.DOWNLOADED
+            self.store.save(progress, learner)
+        if progress.step < Step.DONE:
+            metrics = self._evaluate(fm, stream, index, learner)
+            metrics.update(bytes_up=float(progress.bytes_up), bytes_down=float(progress.bytes_down))
+            self._store_record(metrics)
+            self.conn.report_metrics(task.name, index, {k: float(v) for k, v in metrics.items()
+                                                         if isinstance(v, float)})
+            progress.step = Step.DONE
+            self.store.save(progress, learner)
+
+    def _await_head(self, progress: Progress, learner: Learner) -> int:
+        """Wait for the task's job; install the personalised head it produced. Returns bytes downloaded."""
+        event = self.conn.watch_job(progress.job_id, on_event=self._show_event)
+        if event.state != pb.JOB_STATE_DONE:
+            self.say(f"[{self.cfg.client_id}]   job {progress.job_id} ended {pb.JobState.Name(event.state)}: "
+                     f"{event.message}")
+            if event.state == pb.JOB_STATE_FAILED:
+                progress.failed_jobs.append(progress.job_id)
+            return 0
+        header, data = self.conn.get_knowledge(pb.HEAD_SCOPE_PERSONAL, event.personal_version)
+        learner.set_personal(data, header.version)
+        self.say(f"[{self.cfg.client_id}]   personalised head v{header.version} ({header.num_labels} labels)")
+        return len(data)
+
+    def _show_event(self, event: pb.JobEvent) -> None:
+        extra = f" ({event.queue_position} ahead)" if event.state == pb.JOB_STATE_QUEUED else ""
+        self.say(f"[{self.cfg.client_id}]   job {event.job_id}: {pb.JobState.Name(event.state)}{extra}")
+
+    def _evaluate(self, fm: FoundationModel, stream: list[Task], index: int, learner: Learner) -> dict[str, object]:
+        """Row `index` of R for the small model and FM-personal on this client's own test data."""
+        small_row: list[float | None] = [None] * len(stream)
+        personal_row: list[float | None] = [None] * len(stream)
+        seen_feats, seen_labels = [], []
+        for j in range(index + 1):
+            if not stream[j].test:
+                continue
+            feats = self._features(fm, [ex.text for ex in stream[j].test])
+            labels = [ex.label for ex in stream[j].test]
+            small_row[j] = learner.small_accuracy(feats, labels)
+            personal_row[j] = learner.personal_accuracy(feats, labels)
+            seen_feats.append(feats)
+            seen_labels.extend(labels)
+        record: dict[str, object] = {"task": stream[index].name, "task_index": index,
+                                     "small_row": small_row, "personal_row": personal_row}
+        if seen_feats:
+            pooled = torch.cat(seen_feats)
+            record["small_acc"] = learner.small_accuracy(pooled, seen_labels)
+            personal = learner.personal_accuracy(pooled, seen_labels)
+            if personal is not None:
+                record["personal_acc"] = personal
+        self.say(f"[{self.cfg.client_id}]   accuracy on seen tasks: small {record.get('small_acc', float('nan')):.3f}"
+                 f", FM-personal {record.get('personal_acc', float('nan')):.3f}")
+        return record
+
+    def _store_record(self, record: dict[str, object]) -> None:
+        records = [r for r in self._load_metrics() if r["task_index"] != record["task_index"]] + [record]
+        self.metrics_path.write_text(json.dumps(records, indent=1))
+
+    def _load_metrics(self) -> list[dict[str, object]]:
+        return json.loads(self.metrics_path.read_text()) if self.metrics_path.exists() else []
+
+    def _features(self, fm: FoundationModel, texts: list[str]) -> torch.Tensor:
+        return cached_features(fm, texts, self.cfg.work_dir / "cache")
+
+    def resolve_fm(self) -> FoundationModel:
+        """Use the local FM if it is the server's; otherwise download the server's (resumable, verified)."""
+        try:
+            local: FoundationModel | None = FoundationModel(self.cfg.fm, device=self.cfg.device)
+        except FoundationModelError as exc:
+            log.info("no usable local FM (%s); will download the server's", exc)
+            local = None
+        reg = self.conn.register(self.cfg.client_id, local.digest if local else "", self.spec.to_json())
+        if local is not None and reg.fm_matches:
+            return self._remember_fm(local)
+        server_fm = reg.foundation_model
+        target = self.cfg.work_dir / "fm" / server_fm.digest
+        if not (target / "config.json").exists():
+            self.say(f"[{self.cfg.client_id}] downloading the server's FM {server_fm.name} "
+                     f"({server_fm.archive_size / 1e6:.1f} MB)")
+            archive = self.cfg.work_dir / "fm.tar"
+            self.conn.download_fm(archive)
+            extract_fm_archive(archive, target)
+            archive.unlink()
+        fm = FoundationModel(str(target), device=self.cfg.device)
+        if fm.digest != server_fm.digest:
+            raise FoundationModelError("the downloaded FM does not match the server's digest")
+        return self._remember_fm(fm)
+
+    def _remember_fm(self, fm: FoundationModel) -> FoundationModel:
+        """Record which FM this work dir uses, so `fcl-client predict` loads the same one offline."""
+        self.cfg.work_dir.mkdir(parents=True, exist_ok=True)
+        (self.cfg.work_dir / FM_PATH_FILE).write_text(str(fm.path))
+        return fm

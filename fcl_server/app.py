@@ -1,0 +1,99 @@
+"""Assemble the server: state, blobs, FM host, domain service, worker, gRPC (with health and reflection)."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.config import OBODConfig
+from common.fm import DEFAULT_FM, FoundationModel, default_device
+from common.stubs.fcl.v1 import fcl_pb2, fcl_pb2_grpc
+from fcl_server.blobs import BlobStore
+from fcl_server.fm_host import FMHost, read_public_corpus
+from fcl_server.service import FclService, ServerLimits
+from fcl_server.servicer import FclServicer
+from fcl_server.state import State
+from fcl_server.worker import DistillationWorker
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = fcl_pb2.DESCRIPTOR.services_by_name["FclService"].full_name
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    state_dir: Path
+    listen: str = "127.0.0.1:50051"
+    fm: str = DEFAULT_FM
+    public_corpus: Path | None = Field(None, description="unlabeled text, one sentence per line")
+    device: str = Field(default_factory=default_device)
+    max_workers: int = Field(32, ge=1)
+    obod: OBODConfig = Field(default_factory=OBODConfig)
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    service: FclService
+    worker: DistillationWorker
+    health: health.HealthServicer
+    state: State
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting calls, let in-flight ones finish, finish the running job, close the database."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        if not self.worker.stop(timeout=120):
+            log.warning("distillation job still running at shutdown; it is re-queued at the next start")
+        self.state.close()
+
+
+def default_public_corpus() -> Path:
+    from common.datasets import builtin
+
+    return builtin.public_path()
+
+
+def open_state(state_dir: Path) -> State:
+    return State(state_dir / "state.sqlite3")
+
+
+def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> RunningServer:
+    """Build and start the server; returns it with the port it bound (listen on port 0 for a free one)."""
+    state_dir = config.state_dir
+    state = open_state(state_dir)
+    blobs = BlobStore(state_dir / "blobs")
+    dropped = blobs.clear_temp()
+    requeued = state.requeue_running()
+    if dropped or requeued:
+        log.info("recovery: dropped %d partial blobs, re-queued %d interrupted jobs", dropped, requeued)
+    fm = fm or FoundationModel(config.fm, device=config.device)
+    corpus = read_public_corpus(config.public_corpus or default_public_corpus())
+    fm_host = FMHost(fm, state, blobs, corpus, state_dir / "cache")
+    service = FclService(state, blobs, fm_host, ServerLimits(max_upload_bytes=config.max_upload_bytes))
+    worker = DistillationWorker(state, blobs, fm_host, config.obod, service.notifier, config.device)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers))
+    fcl_pb2_grpc.add_FclServiceServicer_to_server(FclServicer(service), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        state.close()
+        raise OSError(f"could not bind {config.listen}")
+    server.start()
+    worker.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("fcl-server listening on %s (port %d), FM %s %s", config.listen, port, fm.name, fm.digest[:12])
+    return RunningServer(server, port, service, worker, health_servicer, state)

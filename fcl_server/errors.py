@@ -1,0 +1,31 @@
+"""Domain errors of the server; the transport maps each to one gRPC status code."""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """Base: the message tells the caller what was wrong and what to do."""
+
+
+class InvalidArgument(DomainError):
+    pass
+
+
+class Unauthenticated(DomainError):
+    pass
+
+
+class PermissionDenied(DomainError):
+    pass
+
+
+class NotFound(DomainError):
+    pass
+
+
+class FailedPrecondition(DomainError):
+    pass
+
+
+class ResourceExhausted(DomainError):
+    pass

@@ -1,0 +1,62 @@
+"""The server's FM: loaded once, its archive kept as a blob, its public-corpus features cached on disk."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.fm import FoundationModel, cached_features, file_sha256, write_fm_archive
+from fcl_server.blobs import BlobStore
+from fcl_server.state import State
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FMInfo:
+    name: str
+    digest: str
+    feature_dim: int
+    archive_blob: str
+    archive_size: int
+
+
+class FMHost:
+    def __init__(self, fm: FoundationModel, state: State, blobs: BlobStore, public_texts: list[str], cache: Path):
+        self.fm = fm
+        self.info = self._archive(fm, state, blobs)
+        self._public_texts = public_texts
+        self._cache = cache
+        self._public: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    def public_features(self) -> torch.Tensor:
+        """U = f(public corpus), computed on first use and cached on disk by (FM digest, corpus digest)."""
+        with self._lock:
+            if self._public is None:
+                self._public = cached_features(self.fm, self._public_texts, self._cache)
+            return self._public
+
+    @staticmethod
+    def _archive(fm: FoundationModel, state: State, blobs: BlobStore) -> FMInfo:
+        key = f"fm_archive:{fm.digest}"
+        blob = state.get_kv(key)
+        if blob is None or not blobs.exists(blob):
+            tmp = blobs.new_temp()
+            write_fm_archive(fm.path, tmp)
+            blob = blobs.put_file(tmp, file_sha256(tmp))
+            state.set_kv(key, blob)
+            log.info("FM archive %s written (%d bytes)", blob[:12], blobs.size(blob))
+        return FMInfo(fm.name, fm.digest, fm.feature_dim, blob, blobs.size(blob))
+
+
+def read_public_corpus(path: Path) -> list[str]:
+    lines = [" ".join(line.split()) for line in path.read_text(encoding="utf-8").splitlines()]
+    texts = [line for line in lines if line]
+    if not texts:
+        raise ValueError(f"public corpus {path} has no sentences; give a text file with one sentence per line")
+    return texts

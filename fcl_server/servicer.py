@@ -1,0 +1,180 @@
+"""Thin gRPC transport: each RPC authenticates, converts (convert.py), calls the domain, maps errors."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from common.stubs.fcl.v1 import fcl_pb2 as pb
+from common.stubs.fcl.v1 import fcl_pb2_grpc
+from fcl_server import convert
+from fcl_server.errors import (
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from fcl_server.service import FclService
+from fcl_server.state import Principal
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1024 * 1024
+_STATUS = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _status_for(exc: DomainError) -> grpc.StatusCode:
+    for cls, code in _STATUS.items():
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def maps_domain_errors(method: F) -> F:
+    """Turn a DomainError raised by the domain into the matching gRPC status, for unary and streams."""
+
+    @functools.wraps(method)
+    def wrapper(self: FclServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            result = method(self, request, context)
+            if hasattr(result, "__next__"):
+                return _guard_stream(result, context)
+            return result
+        except DomainError as exc:
+            context.abort(_status_for(exc), str(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _guard_stream(stream: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+    try:
+        yield from stream
+    except DomainError as exc:
+        context.abort(_status_for(exc), str(exc))
+
+
+def bearer_token(context: grpc.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer ") :].strip()
+    return None
+
+
+def stream_file(path: Path, offset: int, chunk_size: int = CHUNK_SIZE) -> Iterator[tuple[int, bytes]]:
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        while block := fh.read(chunk_size):
+            yield offset, block
+            offset += len(block)
+
+
+class FclServicer(fcl_pb2_grpc.FclServiceServicer):
+    def __init__(self, service: FclService, chunk_size: int = CHUNK_SIZE) -> None:
+        self.service = service
+        self.chunk_size = chunk_size
+
+    def _auth(self, context: grpc.ServicerContext) -> Principal:
+        return self.service.authenticate(bearer_token(context))
+
+    @maps_domain_errors
+    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
+        principal = self._auth(context)
+        reg = self.service.register(principal, request.client_id, request.fm_digest, request.model_spec_json)
+        return convert.registration(reg)
+
+    @maps_domain_errors
+    def GetFoundationModel(
+        self, request: pb.GetFoundationModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.FoundationModelChunk]:
+        self._auth(context)
+        info, path = self.service.fm_archive(request.offset, request.archive_sha256)
+        yield pb.FoundationModelChunk(info=convert.fm_info(info), offset=request.offset)
+        for offset, block in stream_file(path, request.offset, self.chunk_size):
+            yield pb.FoundationModelChunk(offset=offset, data=block)
+
+    @maps_domain_errors
+    def UploadKnowledge(
+        self, request_iterator: Iterator[pb.UploadKnowledgeRequest], context: grpc.ServicerContext
+    ) -> pb.UploadReceipt:
+        principal = self._auth(context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise InvalidArgument("the first UploadKnowledge message must be the header")
+        header = convert.upload_header(first.header)
+        earlier = self.service.check_upload_header(principal, header)
+        if earlier is not None:
+            return convert.receipt(earlier)
+        tmp = self.service.blobs.new_temp()
+        try:
+            size, digest = self._receive_chunks(request_iterator, tmp, header.size)
+            return convert.receipt(self.service.accept_upload(principal, header, tmp, size, digest))
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _receive_chunks(self, requests: Iterator[pb.UploadKnowledgeRequest], tmp: Path, limit: int) -> tuple[int, str]:
+        digest, size = hashlib.sha256(), 0
+        with tmp.open("wb") as fh:
+            for msg in requests:
+                if msg.WhichOneof("payload") != "chunk":
+                    raise InvalidArgument("only chunks may follow the header")
+                if len(msg.chunk) > self.service.limits.max_chunk_bytes:
+                    raise ResourceExhausted(f"chunk over {self.service.limits.max_chunk_bytes} bytes")
+                size += len(msg.chunk)
+                if size > limit:
+                    raise InvalidArgument(f"more bytes arrived than the {limit} the header announced")
+                digest.update(msg.chunk)
+                fh.write(msg.chunk)
+            fh.flush()
+        return size, digest.hexdigest()
+
+    @maps_domain_errors
+    def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.JobEvent]:
+        principal = self._auth(context)
+        tick, last = 0, None
+        while context.is_active():
+            job = self.service.job(principal, request.job_id)
+            position = self.service.state.queue_position(job.job_id) if not job.state.final else 0
+            key = (job.state, position)
+            if key != last:
+                last = key
+                yield convert.job_event(job, position)
+            if job.state.final:
+                return
+            tick = self.service.notifier.wait(tick, timeout=1.0)
+
+    @maps_domain_errors
+    def GetKnowledge(self, request: pb.GetKnowledgeRequest, context: grpc.ServicerContext) -> Iterator[pb.KnowledgeChunk]:
+        principal = self._auth(context)
+        scope = convert.head_scope(request.scope)
+        head, path = self.service.head(principal, scope, request.client_id, request.version)
+        yield pb.KnowledgeChunk(header=convert.knowledge_header(head, path.stat().st_size))
+        for _, block in stream_file(path, 0, self.chunk_size):
+            yield pb.KnowledgeChunk(chunk=block)
+
+    @maps_domain_errors
+    def ReportMetrics(self, request: pb.ReportMetricsRequest, context: grpc.ServicerContext) -> pb.ReportMetricsResponse:
+        principal = self._auth(context)
+        stored = self.service.report_metrics(principal, request.task_key, request.task_index, dict(request.metrics))
+        return pb.ReportMetricsResponse(stored=stored)
+
+    @maps_domain_errors
+    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.ServerStatus:
+        principal = self._auth(context)
+        return convert.server_status(self.service.status(principal, request.max_jobs))

@@ -1,0 +1,111 @@
+"""The distillation worker: takes queued jobs strictly one at a time, FIFO, and runs OBOD on each."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from common.algorithms.obod import Head, Teacher, distill_global, personalise
+from common.algorithms.stats import StatsBank
+from common.config import OBODConfig
+from common.package import KnowledgePackage, decode_package, decode_stats, encode_package, encode_stats
+from fcl_server.blobs import BlobStore
+from fcl_server.fm_host import FMHost
+from fcl_server.service import JobNotifier
+from fcl_server.state import GLOBAL, Job, State
+
+log = logging.getLogger(__name__)
+
+
+class DistillationWorker:
+    """One thread; order is part of the algorithm, so jobs never run concurrently on the heads."""
+
+    def __init__(
+        self, state: State, blobs: BlobStore, fm_host: FMHost, cfg: OBODConfig, notifier: JobNotifier,
+        device: str = "cpu",
+    ) -> None:
+        self.state, self.blobs, self.fm_host, self.cfg = state, blobs, fm_host, cfg
+        self.notifier = notifier
+        self.device = torch.device(device)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="obod-worker", daemon=True)
+        self.busy = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish the running job (if any) and stop; returns False if it did not stop in time."""
+        self._stop.set()
+        self.notifier.notify()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _loop(self) -> None:
+        # U is needed by every job: compute (or load) it now, while clients are still training
+        self.fm_host.public_features()
+        tick = 0
+        while not self._stop.is_set():
+            job = self.state.claim_next_job()
+            if job is None:
+                tick = self.notifier.wait(tick, timeout=1.0)
+                continue
+            self.busy = True
+            try:
+                self.run_job(job)
+            finally:
+                self.busy = False
+                self.notifier.notify()
+
+    def run_job(self, job: Job) -> None:
+        started = time.perf_counter()
+        log.info("job %d (client %s, %s) running", job.job_id, job.client_id, job.task_key)
+        try:
+            versions = self._distill(job)
+        except Exception as exc:  # a bad job must not stop the worker; it is recorded as failed
+            log.exception("job %d failed", job.job_id)
+            self.state.fail_job(job.job_id, f"{type(exc).__name__}: {exc}")
+            return
+        log.info(
+            "job %d done in %.2fs: global v%d, personal v%d",
+            job.job_id, time.perf_counter() - started, *versions,
+        )
+
+    def _distill(self, job: Job) -> tuple[int, int]:
+        pkg = decode_package(self.blobs.read(job.blob))
+        teacher = Teacher(pkg.build().to(self.device), pkg.labels)
+        current = self._global_head()
+        bank = self._bank()
+        if pkg.stats is not None:
+            bank.merge_bank(pkg.stats)
+        public = self.fm_host.public_features()
+        seed = job.job_id
+        new_global = distill_global(current, teacher, public, bank, self.cfg, seed=seed)
+        personal = personalise(new_global, teacher, public, bank, self.cfg, seed=seed)
+        digest = self.fm_host.info.digest
+        g_blob = self.blobs.put_bytes(encode_package(_head_package(new_global, digest)))
+        p_blob = self.blobs.put_bytes(encode_package(_head_package(personal, digest)))
+        bank_blob = self.blobs.put_bytes(encode_stats(bank)) if bank.stats else None
+        known = set(current.labels) if current else set()
+        new_labels = [y for y in new_global.labels if y not in known]
+        return self.state.complete_job(job, g_blob, p_blob, len(new_global.labels), new_labels, bank_blob)
+
+    def _global_head(self) -> Head | None:
+        found = self.state.head(GLOBAL, "")
+        if found is None:
+            return None
+        pkg = decode_package(self.blobs.read(found.blob))
+        return Head(pkg.build().to(self.device), pkg.labels)
+
+    def _bank(self) -> StatsBank:
+        blob = self.state.get_kv("stats_bank")
+        if blob is None:
+            return StatsBank(self.fm_host.info.feature_dim)
+        return decode_stats(self.blobs.read(blob))
+
+
+def _head_package(head: Head, fm_digest: str) -> KnowledgePackage:
+    return KnowledgePackage.from_model(head.model.cpu(), head.labels, fm_digest, kind="head")

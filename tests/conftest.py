@@ -1,0 +1,29 @@
+"""Shared fixtures: the real FM (loaded once per session) and small task streams from the built-in data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.datasets import builtin
+from common.datasets.split import split_dataset, write_split
+from common.fm import FoundationModel
+
+
+@pytest.fixture(scope="session")
+def fm() -> FoundationModel:
+    return FoundationModel(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def small_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built-in data as 2 tasks x 2 clients (4 domains per task from the first 8 domains)."""
+    groups = dict(list(builtin.load_groups().items())[:8])
+    labels = {y for ys in groups.values() for y in ys}
+    train = [ex for ex in builtin.load_train() if ex.label in labels]
+    test = [ex for ex in builtin.load_test() if ex.label in labels]
+    result = split_dataset(train, test, num_tasks=2, num_clients=2, alpha=1.0, seed=0, label_groups=groups)
+    out = tmp_path_factory.mktemp("split")
+    write_split(result, builtin.load_public()[:600], out)
+    return out

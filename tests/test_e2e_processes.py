@@ -1,0 +1,72 @@
+"""End to end over real processes: a server on port 0 and two heterogeneous clients; knowledge must move."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.cluster import enroll, start_client, start_server
+from common.datasets.streams import load_task_stream
+from common.fm import FoundationModel, cached_features
+from common.package import decode_package
+from common.stubs.fcl.v1 import fcl_pb2 as pb
+from common.zeroshot import zeroshot_accuracy
+from fcl_client.checkpoint import CheckpointStore
+from fcl_client.connection import Connection
+
+
+def test_two_clients_learn_through_the_server(tmp_path: Path, small_split: Path, fm: FoundationModel) -> None:
+    state = tmp_path / "server"
+    clients = {"client-0": "mlp:128", "client-1": "linear"}
+    tokens = {c: enroll(state, c) for c in clients}
+    admin = enroll(state, "ops", admin=True)
+    server = start_server(state, tmp_path / "server.log", "--public-corpus", str(small_split / "public.txt"))
+    try:
+        procs = {
+            c: start_client(server.target, c, tokens[c], small_split / "clients" / c, spec, tmp_path / c,
+                            tmp_path / f"{c}.log", "--epochs", "10")
+            for c, spec in clients.items()
+        }
+        for c, proc in procs.items():
+            assert proc.wait(timeout=600) == 0, (tmp_path / f"{c}.log").read_text()
+        with Connection(server.target, admin) as conn:
+            status = conn.status()
+            _, global_blob = conn.get_knowledge(pb.HEAD_SCOPE_GLOBAL)
+    finally:
+        assert server.stop() == 0, server.log_tail()
+
+    done = [j for j in status.jobs if j.state == pb.JOB_STATE_DONE]
+    assert len(done) == 4 and status.global_version == 4, status
+    global_head = decode_package(global_blob)
+    for c in clients:
+        progress, learner = CheckpointStore(tmp_path / c).load()
+        assert progress.task_index == 2 and learner is not None and learner.personal is not None
+        assert set(learner.labels) <= set(global_head.labels)
+        # the personalised FM head must beat FM zero-shot on this client's own test data, same label space
+        stream = load_task_stream(small_split / "clients" / c)
+        texts = [ex.text for task in stream for ex in task.test]
+        labels = [ex.label for task in stream for ex in task.test]
+        feats = cached_features(fm, texts, tmp_path / "cache")
+        personal = learner.personal_accuracy(feats, labels)
+        zeroshot = zeroshot_accuracy(fm, feats, labels, learner.personal.labels)
+        assert personal is not None and personal > zeroshot + 0.05, (c, personal, zeroshot)
+        assert personal > 0.7, (c, personal)
+
+
+def test_client_resumes_after_restart_without_repeating_tasks(tmp_path: Path, small_split: Path) -> None:
+    """A finished client run again does nothing twice: no new upload, the same progress."""
+    state = tmp_path / "server"
+    token = enroll(state, "client-0")
+    admin = enroll(state, "ops", admin=True)
+    server = start_server(state, tmp_path / "server.log", "--public-corpus", str(small_split / "public.txt"))
+    try:
+        args = (server.target, "client-0", token, small_split / "clients" / "client-0", "linear", tmp_path / "w")
+        assert start_client(*args, tmp_path / "a.log", "--epochs", "3").wait(timeout=600) == 0
+        assert start_client(*args, tmp_path / "b.log", "--epochs", "3").wait(timeout=600) == 0
+        with Connection(server.target, admin) as conn:
+            jobs = conn.status().jobs
+    finally:
+        assert server.stop() == 0
+    assert len(jobs) == 2, [(j.job_id, j.task_key) for j in jobs]
+    second_run = (tmp_path / "b.log").read_text()
+    assert "trained" not in second_run and "uploaded" not in second_run, second_run
+
