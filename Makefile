@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-test: install
+test: install lint
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: install

@@ -23,7 +23,9 @@ def _env() -> dict[str, str]:
 
 def enroll(state_dir: Path, name: str, admin: bool = False) -> str:
     cmd = [sys.executable, "-m", "fcl_server.cli", "enroll", "--state-dir", str(state_dir), name]
-    out = subprocess.run(cmd + (["--admin"] if admin else []), check=True, capture_output=True, text=True, env=_env())
+    out = subprocess.run(
+        cmd + (["--admin"] if admin else []), check=True, capture_output=True, text=True, env=_env()
+    )
     return out.stdout.strip()
 
 
@@ -61,8 +63,19 @@ def start_server(state_dir: Path, log_path: Path, *extra: str, wait_s: float = 1
     port_file = state_dir / "port"
     port_file.unlink(missing_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "fcl_server.cli", "serve", "--state-dir", str(state_dir),
-           "--listen", "127.0.0.1:0", "--port-file", str(port_file), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fcl_server.cli",
+        "serve",
+        "--state-dir",
+        str(state_dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--port-file",
+        str(port_file),
+        *extra,
+    ]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
     deadline = time.monotonic() + wait_s
@@ -73,14 +86,40 @@ def start_server(state_dir: Path, log_path: Path, *extra: str, wait_s: float = 1
             break
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"fcl-server did not start (exit {proc.poll()}):\n{log_path.read_text(errors='replace')[-3000:]}")
+    raise RuntimeError(
+        f"fcl-server did not start (exit {proc.poll()}):\n{log_path.read_text(errors='replace')[-3000:]}"
+    )
 
 
 def start_client(
-    target: str, client_id: str, token: str, stream: Path, model: str, work_dir: Path, log_path: Path, *extra: str
+    target: str,
+    client_id: str,
+    token: str,
+    stream: Path,
+    model: str,
+    work_dir: Path,
+    log_path: Path,
+    *extra: str,
 ) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "fcl_client.cli", "run", "--server", target, "--client-id", client_id,
-           "--token", token, "--stream", str(stream), "--model", model, "--work-dir", str(work_dir), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fcl_client.cli",
+        "run",
+        "--server",
+        target,
+        "--client-id",
+        client_id,
+        "--token",
+        token,
+        "--stream",
+        str(stream),
+        "--model",
+        model,
+        "--work-dir",
+        str(work_dir),
+        *extra,
+    ]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())

@@ -43,14 +43,32 @@ class ClusterRun:
 
 def split_builtin(out: Path, tasks: int, clients: int, seed: int) -> Path:
     data = out / "data"
-    cmd = [sys.executable, "-m", "common.datasets.cli", "builtin", "--tasks", str(tasks),
-           "--clients", str(clients), "--seed", str(seed), "--out", str(data)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "common.datasets.cli",
+        "builtin",
+        "--tasks",
+        str(tasks),
+        "--clients",
+        str(clients),
+        "--seed",
+        str(seed),
+        "--out",
+        str(data),
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     return data
 
 
-def run_cluster(data: Path, work: Path, specs: list[str], client_args: list[str] | None = None,
-                server_args: list[str] | None = None, say=print) -> ClusterRun:  # type: ignore[no-untyped-def]
+def run_cluster(
+    data: Path,
+    work: Path,
+    specs: list[str],
+    client_args: list[str] | None = None,
+    server_args: list[str] | None = None,
+    say=print,
+) -> ClusterRun:  # type: ignore[no-untyped-def]
     """Run a server and one client process per `data/clients/*` stream; evaluate FM-global per task."""
     started = time.perf_counter()
     state = work / "server"
@@ -61,8 +79,16 @@ def run_cluster(data: Path, work: Path, specs: list[str], client_args: list[str]
     say(f"fcl-server on {server.target}; clients: {', '.join(client_ids)}")
     try:
         procs = {
-            c: start_client(server.target, c, tokens[c], data / "clients" / c, specs[i % len(specs)],
-                            work / "clients" / c, work / "logs" / f"{c}.log", *(client_args or []))
+            c: start_client(
+                server.target,
+                c,
+                tokens[c],
+                data / "clients" / c,
+                specs[i % len(specs)],
+                work / "clients" / c,
+                work / "logs" / f"{c}.log",
+                *(client_args or []),
+            )
             for i, c in enumerate(client_ids)
         }
         codes = {c: p.wait() for c, p in procs.items()}
@@ -76,7 +102,9 @@ def run_cluster(data: Path, work: Path, specs: list[str], client_args: list[str]
     return ClusterRun(records, global_rows, global_final, num_tasks, time.perf_counter() - started, codes)
 
 
-def evaluate_global(server: ServerProcess, admin_token: str, data: Path, cache: Path) -> tuple[Matrix, float | None, int]:
+def evaluate_global(
+    server: ServerProcess, admin_token: str, data: Path, cache: Path
+) -> tuple[Matrix, float | None, int]:
     """R[t][j] of FM-global: the global head after every client's task-t job, on global test task j."""
     tasks = sorted(p.stem for p in (data / "global_test").glob("*.jsonl"))
     tests = [read_jsonl(data / "global_test" / f"{t}.jsonl") for t in tasks]
@@ -94,11 +122,21 @@ def evaluate_global(server: ServerProcess, admin_token: str, data: Path, cache: 
             _, blob = conn.get_knowledge(pb.HEAD_SCOPE_GLOBAL, version=max(versions))
             head = decode_package(blob)
             model = head.build()
-            rows.append([head_accuracy(model, head.labels, feats[j], [ex.label for ex in tests[j]])
-                         if j <= t else None for j in range(len(tasks))])
+            rows.append(
+                [
+                    head_accuracy(model, head.labels, feats[j], [ex.label for ex in tests[j]])
+                    if j <= t
+                    else None
+                    for j in range(len(tasks))
+                ]
+            )
             seen = list(range(t + 1))
-            final = head_accuracy(model, head.labels, torch.cat([feats[j] for j in seen]),
-                                   [ex.label for j in seen for ex in tests[j]])
+            final = head_accuracy(
+                model,
+                head.labels,
+                torch.cat([feats[j] for j in seen]),
+                [ex.label for j in seen for ex in tests[j]],
+            )
     return rows, final, len(tasks)
 
 
@@ -129,8 +167,11 @@ def result_entry(run: ClusterRun, method: str, seed: int) -> dict[str, object]:
         "bytes_up_per_client_round": sum(float(r.get("bytes_up", 0)) for r in records) / rounds,  # type: ignore[arg-type]
         "bytes_down_per_client_round": sum(float(r.get("bytes_down", 0)) for r in records) / rounds,  # type: ignore[arg-type]
         "wall_s": run.wall_s,
-        "peak_rss_mb": max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
-                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024,
+        "peak_rss_mb": max(
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        )
+        / 1024,
     }
 
 
@@ -153,7 +194,9 @@ def print_table(entry: dict[str, object], num_tasks: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--clients", type=int, default=3)
@@ -166,12 +209,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"built-in dataset split into {args.tasks} tasks x {args.clients} clients under {data}")
     run = run_cluster(data, work, DEMO_SPECS, client_args=["--seed", str(args.seed)])
     entry = result_entry(run, "ours", args.seed)
-    report = {"scenario": f"builtin-{args.tasks}x{args.clients}", "fm": "all-MiniLM-L6-v2", "seeds": [args.seed],
-              "results": [entry]}
+    report = {
+        "scenario": f"builtin-{args.tasks}x{args.clients}",
+        "fm": "all-MiniLM-L6-v2",
+        "seeds": [args.seed],
+        "results": [entry],
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
     print_table(entry, run.num_tasks)
-    print(f"\nprocess exit codes: {run.exit_codes}; wall {run.wall_s:.1f}s; report: {args.out / 'report.json'}")
+    print(
+        f"\nprocess exit codes: {run.exit_codes}; wall {run.wall_s:.1f}s; report: {args.out / 'report.json'}"
+    )
     return 0 if all(code == 0 for code in run.exit_codes.values()) else 1
 
 

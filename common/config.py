@@ -1,4 +1,4 @@
-"""Hyper-parameters of the learning algorithms, validated by pydantic (shared by clients, server, benchmark)."""
+"""Hyper-parameters of the learning algorithms (pydantic; shared by clients, server and benchmark)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ class SMCFConfig(BaseModel):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     epochs: int = Field(20, ge=1)
-    min_steps: int = Field(200, ge=1, description="least optimizer steps per task (more epochs on small tasks)")
+    min_steps: int = Field(
+        200, ge=1, description="least optimizer steps per task (more epochs on small tasks)"
+    )
     batch_size: int = Field(64, ge=1)
     replay: bool = Field(True, description="replay pseudo-features of old labels from the statistics bank")
     share_stats: bool = Field(True, description="include class statistics in uploads")

@@ -46,7 +46,9 @@ def fm_files(path: Path) -> list[Path]:
     return sorted(
         p
         for p in path.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(_IGNORED_SUFFIXES)
+        if p.is_file()
+        and not p.name.startswith(".")
+        and not p.name.endswith(_IGNORED_SUFFIXES)
         and "__pycache__" not in p.parts
     )
 
@@ -126,8 +128,11 @@ class FoundationModel:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = self.tokenizer(
-                [texts[i] for i in idx], padding=True, truncation=True,
-                max_length=self.max_length, return_tensors="pt",
+                [texts[i] for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
             ).to(self.device)
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -168,4 +173,3 @@ def cached_features(fm: FoundationModel, texts: Sequence[str], cache_dir: Path) 
     save_file({"features": features.contiguous()}, str(tmp))
     os.replace(tmp, path)
     return features
-

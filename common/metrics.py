@@ -16,7 +16,9 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def head_accuracy(model: torch.nn.Module, names: list[str], features: torch.Tensor, labels: list[str]) -> float:
+def head_accuracy(
+    model: torch.nn.Module, names: list[str], features: torch.Tensor, labels: list[str]
+) -> float:
     """Class-incremental accuracy of a head whose output columns are `names` (argmax over all of them)."""
     pos = {y: i for i, y in enumerate(names)}
     # a test label the head has never heard of can only be wrong: map it to an impossible column
@@ -37,9 +39,10 @@ def forgetting(matrix: Matrix) -> float | None:
     final = len(matrix) - 1
     drops = []
     for j in range(final):
-        history = [matrix[t][j] for t in range(final) if matrix[t][j] is not None]
-        if history and matrix[final][j] is not None:
-            drops.append(max(history) - matrix[final][j])  # type: ignore[operator]
+        history = [v for t in range(final) if (v := matrix[t][j]) is not None]
+        last = matrix[final][j]
+        if history and last is not None:
+            drops.append(max(history) - last)
     return sum(drops) / len(drops) if drops else None
 
 
@@ -49,9 +52,9 @@ def backward_transfer(matrix: Matrix) -> float | None:
         return None
     final = len(matrix) - 1
     diffs = [
-        matrix[final][j] - matrix[j][j]  # type: ignore[operator]
+        last - first
         for j in range(final)
-        if matrix[final][j] is not None and matrix[j][j] is not None
+        if (last := matrix[final][j]) is not None and (first := matrix[j][j]) is not None
     ]
     return sum(diffs) / len(diffs) if diffs else None
 
@@ -76,7 +79,7 @@ def mean_matrix(matrices: Sequence[Matrix]) -> Matrix:
     for t in range(rows):
         row: list[float | None] = []
         for j in range(cols):
-            vals = [m[t][j] for m in matrices if t < len(m) and j < len(m[t]) and m[t][j] is not None]
-            row.append(sum(vals) / len(vals) if vals else None)  # type: ignore[arg-type]
+            vals = [v for m in matrices if t < len(m) and j < len(m[t]) and (v := m[t][j]) is not None]
+            row.append(sum(vals) / len(vals) if vals else None)
         out.append(row)
     return out

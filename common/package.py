@@ -66,7 +66,9 @@ class KnowledgePackage:
         stats: StatsBank | None = None,
     ) -> KnowledgePackage:
         weights = {k: v.detach().cpu().contiguous().float() for k, v in model.state_dict().items()}
-        return cls(model.spec, list(labels), weights, model.in_dim, fm_digest, kind, list(counts or []), stats)
+        return cls(
+            model.spec, list(labels), weights, model.in_dim, fm_digest, kind, list(counts or []), stats
+        )
 
 
 def encode_package(pkg: KnowledgePackage) -> bytes:
@@ -117,7 +119,9 @@ def decode_package(data: bytes, limits: PackageLimits | None = None) -> Knowledg
     weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     _check_weights(weights, spec, feature_dim, len(labels))
     stats = _parse_stats(tensors, metadata.get("stats_labels", "[]"), labels, feature_dim)
-    return KnowledgePackage(spec, labels, weights, feature_dim, metadata.get("fm_digest", ""), kind, counts, stats)
+    return KnowledgePackage(
+        spec, labels, weights, feature_dim, metadata.get("fm_digest", ""), kind, counts, stats
+    )
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
@@ -223,8 +227,15 @@ def encode_stats(bank: StatsBank) -> bytes:
     """A statistics bank alone (the server's bank across clients) as safetensors."""
     labels, counts, means, stds = bank.to_tensors()
     tensors = {"stats.count": counts, "stats.mean": means, "stats.std": stds}
-    return st_save(tensors, metadata={"format": FORMAT, "kind": "stats", "labels": json.dumps(labels),
-                                      "feature_dim": str(bank.dim)})
+    return st_save(
+        tensors,
+        metadata={
+            "format": FORMAT,
+            "kind": "stats",
+            "labels": json.dumps(labels),
+            "feature_dim": str(bank.dim),
+        },
+    )
 
 
 def decode_stats(data: bytes) -> StatsBank:

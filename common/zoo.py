@@ -12,7 +12,12 @@ from torch import nn
 MAX_HIDDEN_WIDTH = 8192
 MAX_DEPTH = 8
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+}
 
 
 class SpecError(ValueError):
@@ -51,7 +56,7 @@ class ModelSpec(BaseModel):
 
 
 def parse_spec(text: str) -> ModelSpec:
-    """Parse a spec from JSON (`{"kind": "mlp", ...}`) or the short form `linear` / `mlp:512,256:gelu[:ln]`."""
+    """Parse JSON (`{"kind": "mlp", ...}`) or the short form `linear` / `mlp:512,256:gelu[:ln]`."""
     text = text.strip()
     try:
         if text.startswith("{"):
@@ -69,7 +74,8 @@ def parse_spec(text: str) -> ModelSpec:
     except (ValueError, ValidationError, json.JSONDecodeError) as exc:
         raise SpecError(f"invalid model spec {text!r}: {exc}") from exc
     raise SpecError(
-        f"invalid model spec {text!r}: use 'linear', 'mlp:WIDTH[,WIDTH...][:relu|gelu|tanh|silu][:ln]' or JSON"
+        f"invalid model spec {text!r}: use 'linear', "
+        "'mlp:WIDTH[,WIDTH...][:relu|gelu|tanh|silu][:ln]' or JSON"
     )
 
 

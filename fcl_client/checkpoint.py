@@ -1,4 +1,4 @@
-"""Client checkpoints: each step writes a complete numbered snapshot, then atomically points progress at it."""
+"""Client checkpoints: each step writes a complete numbered snapshot, then points progress at it."""
 
 from __future__ import annotations
 

@@ -21,7 +21,9 @@ from fcl_client.runner import FM_PATH_FILE, ClientConfig, ClientRunner
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fcl-client", description="Federated continual learning edge client")
+    parser = argparse.ArgumentParser(
+        prog="fcl-client", description="Federated continual learning edge client"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="learn the task stream: train, upload, receive the personalised FM head")
@@ -29,9 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--client-id", required=True)
     run.add_argument("--token", required=True, help="bearer token from `fcl-server enroll`")
     run.add_argument("--stream", type=Path, required=True, help="task stream directory (one subdir per task)")
-    run.add_argument("--model", default="mlp:256", help="small-model spec: linear | mlp:W[,W...][:act][:ln] | JSON")
+    run.add_argument(
+        "--model", default="mlp:256", help="small-model spec: linear | mlp:W[,W...][:act][:ln] | JSON"
+    )
     run.add_argument("--work-dir", type=Path, required=True, help="checkpoints, caches and metrics")
     run.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    run.add_argument(
+        "--fm",
+        help="local FM (name or directory) to use when it is the server's; "
+        "otherwise the server's FM is downloaded",
+    )
     run.add_argument("--epochs", type=int, help="SMCF epochs per task (default 20)")
     run.add_argument("--no-share-stats", action="store_true", help="do not upload class statistics")
     run.add_argument("--stats-noise", type=float, help="Gaussian noise std added to shared statistics")
@@ -64,15 +73,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    smcf = SMCFConfig(**{k: v for k, v in {
-        "epochs": args.epochs, "stats_noise": args.stats_noise,
-        "share_stats": False if args.no_share_stats else None}.items() if v is not None})
-    fields = {"server": args.server, "client_id": args.client_id, "token": args.token, "stream": args.stream,
-              "model": args.model, "work_dir": args.work_dir, "smcf": smcf, "seed": args.seed,
-              "timeout": args.timeout}
-    if args.device:
-        fields["device"] = args.device
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    smcf = SMCFConfig(
+        **{
+            k: v
+            for k, v in {
+                "epochs": args.epochs,
+                "stats_noise": args.stats_noise,
+                "share_stats": False if args.no_share_stats else None,
+            }.items()
+            if v is not None
+        }
+    )
+    fields = {
+        "server": args.server,
+        "client_id": args.client_id,
+        "token": args.token,
+        "stream": args.stream,
+        "model": args.model,
+        "work_dir": args.work_dir,
+        "smcf": smcf,
+        "seed": args.seed,
+        "timeout": args.timeout,
+    }
+    fields.update({k: v for k, v in {"device": args.device, "fm": args.fm}.items() if v})
     cfg = ClientConfig(**fields)
     with Connection(cfg.server, cfg.token, timeout=cfg.timeout) as conn:
         summary = ClientRunner(cfg, conn, say=lambda line: print(line, flush=True)).run()
@@ -91,8 +117,15 @@ def predict(args: argparse.Namespace) -> int:
     fm = FoundationModel(fm_file.read_text().strip(), device="cpu")
     results = learner.predict(fm.encode(args.texts), top=args.top, head=args.head)
     if args.json:
-        print(json.dumps([{"text": t, "labels": [{"label": y, "p": p} for y, p in r]}
-                          for t, r in zip(args.texts, results, strict=True)], indent=1))
+        print(
+            json.dumps(
+                [
+                    {"text": t, "labels": [{"label": y, "p": p} for y, p in r]}
+                    for t, r in zip(args.texts, results, strict=True)
+                ],
+                indent=1,
+            )
+        )
         return 0
     for text, ranked in zip(args.texts, results, strict=True):
         print(text)

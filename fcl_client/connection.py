@@ -66,18 +66,23 @@ class Connection:
         request = pb.RegisterRequest(
             client_id=client_id, fm_digest=fm_digest, client_version="0.1.0", model_spec_json=model_spec_json
         )
-        return self._retry("Register", lambda: self.stub.Register(request, timeout=self.timeout, metadata=self.metadata))
+        return self._retry(
+            "Register", lambda: self.stub.Register(request, timeout=self.timeout, metadata=self.metadata)
+        )
 
     def report_metrics(self, task_key: str, task_index: int, metrics: dict[str, float]) -> int:
         request = pb.ReportMetricsRequest(task_key=task_key, task_index=task_index, metrics=metrics)
         response = self._retry(
-            "ReportMetrics", lambda: self.stub.ReportMetrics(request, timeout=self.timeout, metadata=self.metadata)
+            "ReportMetrics",
+            lambda: self.stub.ReportMetrics(request, timeout=self.timeout, metadata=self.metadata),
         )
         return int(response.stored)
 
     def status(self, max_jobs: int = 100) -> pb.ServerStatus:
         request = pb.GetStatusRequest(max_jobs=max_jobs)
-        return self._retry("GetStatus", lambda: self.stub.GetStatus(request, timeout=self.timeout, metadata=self.metadata))
+        return self._retry(
+            "GetStatus", lambda: self.stub.GetStatus(request, timeout=self.timeout, metadata=self.metadata)
+        )
 
     # -- transfers ----------------------------------------------------------------------------
     def download_fm(self, dest: Path) -> pb.FoundationModelInfo:
@@ -87,10 +92,14 @@ class Connection:
 
         def attempt() -> pb.FoundationModelInfo:
             offset = part.stat().st_size if part.exists() else 0
-            request = pb.GetFoundationModelRequest(offset=offset, archive_sha256=info.archive_sha256 if info else "")
+            request = pb.GetFoundationModelRequest(
+                offset=offset, archive_sha256=info.archive_sha256 if info else ""
+            )
             got: pb.FoundationModelInfo | None = None
             with part.open("ab") as fh:
-                for chunk in self.stub.GetFoundationModel(request, timeout=self.timeout * 10, metadata=self.metadata):
+                for chunk in self.stub.GetFoundationModel(
+                    request, timeout=self.timeout * 10, metadata=self.metadata
+                ):
                     if chunk.HasField("info"):
                         got = chunk.info
                         continue
@@ -111,8 +120,12 @@ class Connection:
     ) -> pb.UploadReceipt:
         """Upload a package; safe to repeat (idempotent by upload_id), so transient failures are retried."""
         header = pb.UploadHeader(
-            upload_id=upload_id, task_key=task_key, task_index=task_index, fm_digest=fm_digest,
-            size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+            upload_id=upload_id,
+            task_key=task_key,
+            task_index=task_index,
+            fm_digest=fm_digest,
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
         )
 
         def messages() -> Iterator[pb.UploadKnowledgeRequest]:
@@ -125,17 +138,18 @@ class Connection:
             lambda: self.stub.UploadKnowledge(messages(), timeout=self.timeout * 5, metadata=self.metadata),
         )
 
-    def watch_job(self, job_id: int, on_event: Callable[[pb.JobEvent], None] | None = None,
-                  timeout: float = 3600.0) -> pb.JobEvent:
+    def watch_job(
+        self, job_id: int, on_event: Callable[[pb.JobEvent], None] | None = None, timeout: float = 3600.0
+    ) -> pb.JobEvent:
         """Follow a job to its final state (reconnecting if the stream breaks); returns the last event."""
         final = {pb.JOB_STATE_DONE, pb.JOB_STATE_FAILED, pb.JOB_STATE_SUPERSEDED}
         deadline = time.monotonic() + timeout
 
         def attempt() -> pb.JobEvent:
-            last: pb.JobEvent | None = None
             remaining = max(1.0, deadline - time.monotonic())
-            for event in self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=remaining, metadata=self.metadata):
-                last = event
+            for event in self.stub.WatchJob(
+                pb.WatchJobRequest(job_id=job_id), timeout=remaining, metadata=self.metadata
+            ):
                 if on_event:
                     on_event(event)
                 if event.state in final:
@@ -158,12 +172,15 @@ class Connection:
                 else:
                     parts.append(msg.chunk)
             data = b"".join(parts)
-            if header is None or len(data) != header.size or hashlib.sha256(data).hexdigest() != header.sha256:
+            if (
+                header is None
+                or len(data) != header.size
+                or hashlib.sha256(data).hexdigest() != header.sha256
+            ):
                 raise TransferError("knowledge head does not match its announced size/sha256")
             return header, data
 
         return self._retry("GetKnowledge", attempt)
-
 
 
 class StreamEnded(Exception):

@@ -78,43 +78,71 @@ class Learner:
         return head_accuracy(self.personal.model, self.personal.labels, features, labels)
 
     @torch.no_grad()
-    def predict(self, features: torch.Tensor, top: int = 5, head: str = "small") -> list[list[tuple[str, float]]]:
-        model, names = (self.model, self.labels) if head == "small" else (
-            (self.personal.model, self.personal.labels) if self.personal else (None, [])
+    def predict(
+        self, features: torch.Tensor, top: int = 5, head: str = "small"
+    ) -> list[list[tuple[str, float]]]:
+        model, names = (
+            (self.model, self.labels)
+            if head == "small"
+            else ((self.personal.model, self.personal.labels) if self.personal else (None, []))
         )
         if model is None:
             raise RuntimeError(f"no {head} model yet: run at least one task first")
         probs = torch.softmax(model(features), dim=1)
         values, idx = probs.topk(min(top, probs.shape[1]), dim=1)
-        return [[(names[int(i)], float(v)) for v, i in zip(vs, ids, strict=True)] for vs, ids in zip(values, idx, strict=True)]
+        return [
+            [(names[int(i)], float(v)) for v, i in zip(vs, ids, strict=True)]
+            for vs, ids in zip(values, idx, strict=True)
+        ]
 
     # -- checkpoint ------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
         """Write the learner atomically (each file via temp + rename; meta.json last)."""
         directory.mkdir(parents=True, exist_ok=True)
         if self.model is not None:
-            _atomic_write(directory / "model.safetensors", encode_package(
-                KnowledgePackage.from_model(self.model, self.labels, self.fm_digest)))
+            _atomic_write(
+                directory / "model.safetensors",
+                encode_package(KnowledgePackage.from_model(self.model, self.labels, self.fm_digest)),
+            )
         if self.bank is not None and self.bank.stats:
             _atomic_write(directory / "bank.safetensors", encode_stats(self.bank))
         if self.personal is not None:
-            _atomic_write(directory / "personal.safetensors", encode_package(
-                KnowledgePackage.from_model(self.personal.model, self.personal.labels, self.fm_digest, "head")))
-        meta = {"spec": self.spec.model_dump(), "feature_dim": self.feature_dim, "fm_digest": self.fm_digest,
-                "labels": self.labels, "personal_version": self.personal_version, "task_counts": self.task_counts}
+            _atomic_write(
+                directory / "personal.safetensors",
+                encode_package(
+                    KnowledgePackage.from_model(
+                        self.personal.model, self.personal.labels, self.fm_digest, "head"
+                    )
+                ),
+            )
+        meta = {
+            "spec": self.spec.model_dump(),
+            "feature_dim": self.feature_dim,
+            "fm_digest": self.fm_digest,
+            "labels": self.labels,
+            "personal_version": self.personal_version,
+            "task_counts": self.task_counts,
+        }
         _atomic_write(directory / "meta.json", json.dumps(meta, indent=1).encode())
 
     @classmethod
     def load(cls, directory: Path) -> Learner:
         meta = json.loads((directory / "meta.json").read_text())
-        learner = cls(ModelSpec.model_validate(meta["spec"]), int(meta["feature_dim"]), meta["fm_digest"],
-                      list(meta["labels"]), task_counts=dict(meta.get("task_counts", {})))
+        learner = cls(
+            ModelSpec.model_validate(meta["spec"]),
+            int(meta["feature_dim"]),
+            meta["fm_digest"],
+            list(meta["labels"]),
+            task_counts=dict(meta.get("task_counts", {})),
+        )
         if (directory / "model.safetensors").exists():
             learner.model = decode_package((directory / "model.safetensors").read_bytes()).build()
         if (directory / "bank.safetensors").exists():
             learner.bank = decode_stats((directory / "bank.safetensors").read_bytes())
         if (directory / "personal.safetensors").exists():
-            learner.set_personal((directory / "personal.safetensors").read_bytes(), int(meta["personal_version"]))
+            learner.set_personal(
+                (directory / "personal.safetensors").read_bytes(), int(meta["personal_version"])
+            )
         return learner
 
 

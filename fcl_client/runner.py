@@ -14,7 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from common.config import SMCFConfig
 from common.datasets.streams import Task, load_task_stream
-from common.fm import DEFAULT_FM, FoundationModel, FoundationModelError, cached_features, default_device, extract_fm_archive
+from common.fm import (
+    DEFAULT_FM,
+    FoundationModel,
+    FoundationModelError,
+    cached_features,
+    default_device,
+    extract_fm_archive,
+)
 from common.package import encode_package
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.zoo import parse_spec
@@ -65,27 +72,40 @@ class ClientRunner:
         learner = learner or Learner(self.spec, fm.feature_dim, fm.digest)
         if learner.fm_digest != fm.digest:
             raise FoundationModelError(
-                f"the checkpoint in {self.cfg.work_dir} was trained on another FM ({learner.fm_digest[:12]}) than "
+                f"the checkpoint in {self.cfg.work_dir} was trained on another FM "
+                f"({learner.fm_digest[:12]}) than "
                 f"the server's ({fm.digest[:12]}); use a new --work-dir"
             )
         for index, task in enumerate(stream):
             if index < progress.task_index:
                 continue
             if progress.task_index != index or progress.task_name != task.name:
-                progress = Progress(task_index=index, task_name=task.name, snapshot=progress.snapshot,
-                                    failed_jobs=progress.failed_jobs)
-            self.say(f"[{self.cfg.client_id}] task {index + 1}/{len(stream)} {task.name}: "
-                     f"{len(task.train)} examples of {len(task.labels)} labels")
+                progress = Progress(
+                    task_index=index,
+                    task_name=task.name,
+                    snapshot=progress.snapshot,
+                    failed_jobs=progress.failed_jobs,
+                )
+            self.say(
+                f"[{self.cfg.client_id}] task {index + 1}/{len(stream)} {task.name}: "
+                f"{len(task.train)} examples of {len(task.labels)} labels"
+            )
             self._run_task(fm, stream, index, progress, learner)
-            progress = Progress(task_index=index + 1, snapshot=progress.snapshot, failed_jobs=progress.failed_jobs)
+            progress = Progress(
+                task_index=index + 1, snapshot=progress.snapshot, failed_jobs=progress.failed_jobs
+            )
             self.store.save(progress, learner)
         return RunSummary(len(stream), progress.failed_jobs, self._load_metrics())
 
-    def _run_task(self, fm: FoundationModel, stream: list[Task], index: int, progress: Progress, learner: Learner) -> None:
+    def _run_task(
+        self, fm: FoundationModel, stream: list[Task], index: int, progress: Progress, learner: Learner
+    ) -> None:
         task = stream[index]
         if progress.step < Step.TRAINED:
             feats = self._features(fm, [ex.text for ex in task.train])
-            learner.train(feats, [ex.label for ex in task.train], self.cfg.smcf, seed=self.cfg.seed * 1000 + index)
+            learner.train(
+                feats, [ex.label for ex in task.train], self.cfg.smcf, seed=self.cfg.seed * 1000 + index
+            )
             progress.step, progress.upload_id = Step.TRAINED, uuid.uuid4().hex
             self.store.save(progress, learner)
             self.say(f"[{self.cfg.client_id}]   trained small model ({len(learner.labels)} labels seen)")
@@ -103,8 +123,9 @@ class ClientRunner:
             metrics = self._evaluate(fm, stream, index, learner)
             metrics.update(bytes_up=float(progress.bytes_up), bytes_down=float(progress.bytes_down))
             self._store_record(metrics)
-            self.conn.report_metrics(task.name, index, {k: float(v) for k, v in metrics.items()
-                                                         if isinstance(v, float)})
+            self.conn.report_metrics(
+                task.name, index, {k: float(v) for k, v in metrics.items() if isinstance(v, float)}
+            )
             progress.step = Step.DONE
             self.store.save(progress, learner)
 
@@ -112,8 +133,10 @@ class ClientRunner:
         """Wait for the task's job; install the personalised head it produced. Returns bytes downloaded."""
         event = self.conn.watch_job(progress.job_id, on_event=self._show_event)
         if event.state != pb.JOB_STATE_DONE:
-            self.say(f"[{self.cfg.client_id}]   job {progress.job_id} ended {pb.JobState.Name(event.state)}: "
-                     f"{event.message}")
+            self.say(
+                f"[{self.cfg.client_id}]   job {progress.job_id} ended {pb.JobState.Name(event.state)}: "
+                f"{event.message}"
+            )
             if event.state == pb.JOB_STATE_FAILED:
                 progress.failed_jobs.append(progress.job_id)
             return 0
@@ -126,7 +149,9 @@ class ClientRunner:
         extra = f" ({event.queue_position} ahead)" if event.state == pb.JOB_STATE_QUEUED else ""
         self.say(f"[{self.cfg.client_id}]   job {event.job_id}: {pb.JobState.Name(event.state)}{extra}")
 
-    def _evaluate(self, fm: FoundationModel, stream: list[Task], index: int, learner: Learner) -> dict[str, object]:
+    def _evaluate(
+        self, fm: FoundationModel, stream: list[Task], index: int, learner: Learner
+    ) -> dict[str, object]:
         """Row `index` of R for the small model and FM-personal on this client's own test data."""
         small_row: list[float | None] = [None] * len(stream)
         personal_row: list[float | None] = [None] * len(stream)
@@ -140,16 +165,23 @@ class ClientRunner:
             personal_row[j] = learner.personal_accuracy(feats, labels)
             seen_feats.append(feats)
             seen_labels.extend(labels)
-        record: dict[str, object] = {"task": stream[index].name, "task_index": index,
-                                     "small_row": small_row, "personal_row": personal_row}
+        record: dict[str, object] = {
+            "task": stream[index].name,
+            "task_index": index,
+            "small_row": small_row,
+            "personal_row": personal_row,
+        }
         if seen_feats:
             pooled = torch.cat(seen_feats)
             record["small_acc"] = learner.small_accuracy(pooled, seen_labels)
             personal = learner.personal_accuracy(pooled, seen_labels)
             if personal is not None:
                 record["personal_acc"] = personal
-        self.say(f"[{self.cfg.client_id}]   accuracy on seen tasks: small {record.get('small_acc', float('nan')):.3f}"
-                 f", FM-personal {record.get('personal_acc', float('nan')):.3f}")
+        self.say(
+            f"[{self.cfg.client_id}]   accuracy on seen tasks: "
+            f"small {record.get('small_acc', float('nan')):.3f}"
+            f", FM-personal {record.get('personal_acc', float('nan')):.3f}"
+        )
         return record
 
     def _store_record(self, record: dict[str, object]) -> None:
@@ -175,8 +207,10 @@ class ClientRunner:
         server_fm = reg.foundation_model
         target = self.cfg.work_dir / "fm" / server_fm.digest
         if not (target / "config.json").exists():
-            self.say(f"[{self.cfg.client_id}] downloading the server's FM {server_fm.name} "
-                     f"({server_fm.archive_size / 1e6:.1f} MB)")
+            self.say(
+                f"[{self.cfg.client_id}] downloading the server's FM {server_fm.name} "
+                f"({server_fm.archive_size / 1e6:.1f} MB)"
+            )
             archive = self.cfg.work_dir / "fm.tar"
             self.conn.download_fm(archive)
             extract_fm_archive(archive, target)

@@ -47,6 +47,7 @@ class RunningServer:
     worker: DistillationWorker
     health: health.HealthServicer
     state: State
+    state_dir: Path
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting calls, let in-flight ones finish, finish the running job, close the database."""
@@ -96,4 +97,4 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("fcl-server listening on %s (port %d), FM %s %s", config.listen, port, fm.name, fm.digest[:12])
-    return RunningServer(server, port, service, worker, health_servicer, state)
+    return RunningServer(server, port, service, worker, health_servicer, state, state_dir)

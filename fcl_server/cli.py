@@ -24,9 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server until SIGTERM/SIGINT")
     serve.add_argument("--state-dir", type=Path, required=True, help="database, blobs and caches live here")
     serve.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to bind (port 0 = any free)")
-    serve.add_argument("--fm", default=DEFAULT_FM, help="FM name (packaged default) or a local model directory")
-    serve.add_argument("--public-corpus", type=Path, help="unlabeled text file, one sentence per line "
-                       "(default: the built-in public split)")
+    serve.add_argument(
+        "--fm", default=DEFAULT_FM, help="FM name (packaged default) or a local model directory"
+    )
+    serve.add_argument(
+        "--public-corpus",
+        type=Path,
+        help="unlabeled text file, one sentence per line (default: the built-in public split)",
+    )
     serve.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     serve.add_argument("--head-spec", help="zoo spec of the FM heads, e.g. mlp:768:gelu")
     serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
@@ -80,10 +85,17 @@ def revoke(state_dir: Path, client_id: str) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     obod = OBODConfig(**({"head_spec": args.head_spec} if args.head_spec else {}))
-    fields = {"state_dir": args.state_dir, "listen": args.listen, "fm": args.fm, "obod": obod,
-              "public_corpus": args.public_corpus}
+    fields = {
+        "state_dir": args.state_dir,
+        "listen": args.listen,
+        "fm": args.fm,
+        "obod": obod,
+        "public_corpus": args.public_corpus,
+    }
     if args.device:
         fields["device"] = args.device
     running = create_server(ServerConfig(**fields))

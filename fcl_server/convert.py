@@ -21,8 +21,11 @@ _SCOPES = {GLOBAL: pb.HEAD_SCOPE_GLOBAL, PERSONAL: pb.HEAD_SCOPE_PERSONAL}
 
 def fm_info(info: FMInfo) -> pb.FoundationModelInfo:
     return pb.FoundationModelInfo(
-        name=info.name, digest=info.digest, feature_dim=info.feature_dim,
-        archive_size=info.archive_size, archive_sha256=info.archive_blob,
+        name=info.name,
+        digest=info.digest,
+        feature_dim=info.feature_dim,
+        archive_size=info.archive_size,
+        archive_sha256=info.archive_blob,
     )
 
 
@@ -30,15 +33,22 @@ def registration(reg: Registration) -> pb.RegisterResponse:
     from fcl_server.service import SERVER_VERSION
 
     return pb.RegisterResponse(
-        client_id=reg.client_id, foundation_model=fm_info(reg.fm), fm_matches=reg.fm_matches,
-        server_version=SERVER_VERSION, personal_head_version=reg.personal_version,
+        client_id=reg.client_id,
+        foundation_model=fm_info(reg.fm),
+        fm_matches=reg.fm_matches,
+        server_version=SERVER_VERSION,
+        personal_head_version=reg.personal_version,
     )
 
 
 def upload_header(msg: pb.UploadHeader) -> UploadHeader:
     return UploadHeader(
-        upload_id=msg.upload_id, task_key=msg.task_key, task_index=msg.task_index,
-        fm_digest=msg.fm_digest, size=msg.size, sha256=msg.sha256.lower(),
+        upload_id=msg.upload_id,
+        task_key=msg.task_key,
+        task_index=msg.task_index,
+        fm_digest=msg.fm_digest,
+        size=msg.size,
+        sha256=msg.sha256.lower(),
     )
 
 
@@ -54,9 +64,13 @@ def job_state(state: JobState) -> pb.JobState.ValueType:
 
 def job_event(job: Job, queue_position: int = 0) -> pb.JobEvent:
     return pb.JobEvent(
-        job_id=job.job_id, state=job_state(job.state), message=job.message,
-        global_version=job.global_version, personal_version=job.personal_version,
-        timestamp=time.time(), queue_position=queue_position,
+        job_id=job.job_id,
+        state=job_state(job.state),
+        message=job.message,
+        global_version=job.global_version,
+        personal_version=job.personal_version,
+        timestamp=time.time(),
+        queue_position=queue_position,
     )
 
 
@@ -66,25 +80,41 @@ def head_scope(scope: pb.HeadScope.ValueType) -> str:
 
 def knowledge_header(head: HeadVersion, size: int) -> pb.KnowledgeHeader:
     return pb.KnowledgeHeader(
-        scope=_SCOPES[head.scope], client_id=head.client_id, version=head.version, size=size,
-        sha256=head.blob, num_labels=head.num_labels, job_id=head.job_id,
+        scope=_SCOPES[head.scope],
+        client_id=head.client_id,
+        version=head.version,
+        size=size,
+        sha256=head.blob,
+        num_labels=head.num_labels,
+        job_id=head.job_id,
     )
 
 
 def job_status(job: Job) -> pb.JobStatus:
     duration = job.finished - job.started if job.finished and job.started else 0.0
     return pb.JobStatus(
-        job_id=job.job_id, client_id=job.client_id, upload_id=job.upload_id, task_key=job.task_key,
-        task_index=job.task_index, state=job_state(job.state), global_version=job.global_version,
-        personal_version=job.personal_version, created=job.created, finished=job.finished,
-        message=job.message, duration_s=duration,
+        job_id=job.job_id,
+        client_id=job.client_id,
+        upload_id=job.upload_id,
+        task_key=job.task_key,
+        task_index=job.task_index,
+        state=job_state(job.state),
+        global_version=job.global_version,
+        personal_version=job.personal_version,
+        created=job.created,
+        finished=job.finished,
+        message=job.message,
+        duration_s=duration,
     )
 
 
 def client_status(view: ClientView) -> pb.ClientStatus:
     return pb.ClientStatus(
-        client_id=view.client_id, last_seen=view.last_seen, personal_version=view.personal_version,
-        uploads=view.uploads, last_metrics=view.last_metrics,
+        client_id=view.client_id,
+        last_seen=view.last_seen,
+        personal_version=view.personal_version,
+        uploads=view.uploads,
+        last_metrics=view.last_metrics,
     )
 
 
@@ -92,7 +122,12 @@ def server_status(view: StatusView) -> pb.ServerStatus:
     from fcl_server.service import SERVER_VERSION
 
     return pb.ServerStatus(
-        foundation_model=fm_info(view.fm), global_version=view.global_version, num_labels=view.num_labels,
-        queue_depth=view.queue_depth, clients=[client_status(c) for c in view.clients],
-        jobs=[job_status(j) for j in view.jobs], uptime_s=view.uptime_s, server_version=SERVER_VERSION,
+        foundation_model=fm_info(view.fm),
+        global_version=view.global_version,
+        num_labels=view.num_labels,
+        queue_depth=view.queue_depth,
+        clients=[client_status(c) for c in view.clients],
+        jobs=[job_status(j) for j in view.jobs],
+        uptime_s=view.uptime_s,
+        server_version=SERVER_VERSION,
     )

@@ -26,7 +26,9 @@ class FMInfo:
 
 
 class FMHost:
-    def __init__(self, fm: FoundationModel, state: State, blobs: BlobStore, public_texts: list[str], cache: Path):
+    def __init__(
+        self, fm: FoundationModel, state: State, blobs: BlobStore, public_texts: list[str], cache: Path
+    ):
         self.fm = fm
         self.info = self._archive(fm, state, blobs)
         self._public_texts = public_texts
@@ -58,5 +60,7 @@ def read_public_corpus(path: Path) -> list[str]:
     lines = [" ".join(line.split()) for line in path.read_text(encoding="utf-8").splitlines()]
     texts = [line for line in lines if line]
     if not texts:
-        raise ValueError(f"public corpus {path} has no sentences; give a text file with one sentence per line")
+        raise ValueError(
+            f"public corpus {path} has no sentences; give a text file with one sentence per line"
+        )
     return texts

@@ -166,10 +166,14 @@ class FclService:
             return None
         if existing["sha256"] != header.sha256:
             raise FailedPrecondition(f"upload id {header.upload_id!r} was already used for different content")
-        return Receipt(header.upload_id, int(existing["job_id"]), True, int(existing["size"]), existing["sha256"])
+        return Receipt(
+            header.upload_id, int(existing["job_id"]), True, int(existing["size"]), existing["sha256"]
+        )
 
-    def accept_upload(self, principal: Principal, header: UploadHeader, tmp: Path, size: int, sha256: str) -> Receipt:
-        """Validate a fully received package and queue its distillation job (or return the earlier receipt)."""
+    def accept_upload(
+        self, principal: Principal, header: UploadHeader, tmp: Path, size: int, sha256: str
+    ) -> Receipt:
+        """Validate a fully received package and queue its distillation job."""
         client = self._client(principal)
         try:
             if size != header.size:
@@ -209,7 +213,9 @@ class FclService:
             raise NotFound(f"no job {job_id} for this caller")
         return job
 
-    def head(self, principal: Principal, scope: str, client_id: str, version: int) -> tuple[HeadVersion, Path]:
+    def head(
+        self, principal: Principal, scope: str, client_id: str, version: int
+    ) -> tuple[HeadVersion, Path]:
         if scope == GLOBAL:
             if not principal.is_admin:
                 raise PermissionDenied("the global head is readable with an admin token only")
@@ -221,16 +227,22 @@ class FclService:
         found = self.state.head(scope, owner, version)
         if found is None:
             which = f"version {version}" if version else "any version"
-            raise NotFound(f"no {scope} head ({which}) yet for {owner or 'the server'}; upload knowledge first")
+            raise NotFound(
+                f"no {scope} head ({which}) yet for {owner or 'the server'}; upload knowledge first"
+            )
         return found, self.blobs.path(found.blob)
 
-    def report_metrics(self, principal: Principal, task_key: str, task_index: int, values: dict[str, float]) -> int:
+    def report_metrics(
+        self, principal: Principal, task_key: str, task_index: int, values: dict[str, float]
+    ) -> int:
         client = self._client(principal)
         if len(values) > self.limits.max_metrics:
             raise InvalidArgument(f"at most {self.limits.max_metrics} metrics per report")
         for name, value in values.items():
             if not ID_RE.match(name.replace("/", "_")) or value != value:
-                raise InvalidArgument(f"metric {name!r}={value} is invalid: use a short name and a finite number")
+                raise InvalidArgument(
+                    f"metric {name!r}={value} is invalid: use a short name and a finite number"
+                )
         self.state.touch_client(client)
         return self.state.put_metrics(client, task_key, task_index, values)
 
@@ -242,13 +254,20 @@ class FclService:
             head = self.state.head(PERSONAL, row["client_id"])
             clients.append(
                 ClientView(
-                    row["client_id"], float(row["last_seen"]), head.version if head else 0, int(row["uploads"]),
+                    row["client_id"],
+                    float(row["last_seen"]),
+                    head.version if head else 0,
+                    int(row["uploads"]),
                     self.state.last_metrics(row["client_id"]),
                 )
             )
         global_head = self.state.head(GLOBAL, "")
         return StatusView(
-            self.fm_host.info, global_head.version if global_head else 0, self.state.label_count(),
-            self.state.queue_depth(), clients, self.state.jobs(max_jobs or 100), time.time() - self.started,
+            self.fm_host.info,
+            global_head.version if global_head else 0,
+            self.state.label_count(),
+            self.state.queue_depth(),
+            clients,
+            self.state.jobs(max_jobs or 100),
+            time.time() - self.started,
         )
-

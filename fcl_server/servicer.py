@@ -128,7 +128,9 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _receive_chunks(self, requests: Iterator[pb.UploadKnowledgeRequest], tmp: Path, limit: int) -> tuple[int, str]:
+    def _receive_chunks(
+        self, requests: Iterator[pb.UploadKnowledgeRequest], tmp: Path, limit: int
+    ) -> tuple[int, str]:
         digest, size = hashlib.sha256(), 0
         with tmp.open("wb") as fh:
             for msg in requests:
@@ -160,7 +162,9 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
             tick = self.service.notifier.wait(tick, timeout=1.0)
 
     @maps_domain_errors
-    def GetKnowledge(self, request: pb.GetKnowledgeRequest, context: grpc.ServicerContext) -> Iterator[pb.KnowledgeChunk]:
+    def GetKnowledge(
+        self, request: pb.GetKnowledgeRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.KnowledgeChunk]:
         principal = self._auth(context)
         scope = convert.head_scope(request.scope)
         head, path = self.service.head(principal, scope, request.client_id, request.version)
@@ -169,9 +173,13 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
             yield pb.KnowledgeChunk(chunk=block)
 
     @maps_domain_errors
-    def ReportMetrics(self, request: pb.ReportMetricsRequest, context: grpc.ServicerContext) -> pb.ReportMetricsResponse:
+    def ReportMetrics(
+        self, request: pb.ReportMetricsRequest, context: grpc.ServicerContext
+    ) -> pb.ReportMetricsResponse:
         principal = self._auth(context)
-        stored = self.service.report_metrics(principal, request.task_key, request.task_index, dict(request.metrics))
+        stored = self.service.report_metrics(
+            principal, request.task_key, request.task_index, dict(request.metrics)
+        )
         return pb.ReportMetricsResponse(stored=stored)
 
     @maps_domain_errors

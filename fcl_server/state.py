@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 SCHEMA = """
@@ -45,7 +45,7 @@ GLOBAL = "global"
 PERSONAL = "personal"
 
 
-class JobState(str, Enum):
+class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
@@ -133,16 +133,21 @@ class State:
 
     def revoke_tokens(self, principal: str) -> int:
         with self.tx() as db:
-            return db.execute("UPDATE tokens SET revoked=1 WHERE principal=? AND revoked=0", (principal,)).rowcount
+            return db.execute(
+                "UPDATE tokens SET revoked=1 WHERE principal=? AND revoked=0", (principal,)
+            ).rowcount
 
     def principal_for(self, token: str) -> Principal | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT principal, is_admin FROM tokens WHERE token_hash=? AND revoked=0", (hash_token(token),)
+                "SELECT principal, is_admin FROM tokens WHERE token_hash=? AND revoked=0",
+                (hash_token(token),),
             ).fetchone()
         return Principal(row["principal"], bool(row["is_admin"])) if row else None
 
-    def touch_client(self, client_id: str, fm_digest: str | None = None, model_spec: str | None = None) -> None:
+    def touch_client(
+        self, client_id: str, fm_digest: str | None = None, model_spec: str | None = None
+    ) -> None:
         now = time.time()
         with self.tx() as db:
             db.execute("INSERT OR IGNORE INTO clients(client_id, created) VALUES (?,?)", (client_id, now))
@@ -155,7 +160,8 @@ class State:
     def clients(self) -> list[sqlite3.Row]:
         with self._lock:
             return self._conn.execute(
-                "SELECT c.client_id, c.last_seen, (SELECT COUNT(*) FROM uploads u WHERE u.client_id=c.client_id)"
+                "SELECT c.client_id, c.last_seen,"
+                " (SELECT COUNT(*) FROM uploads u WHERE u.client_id=c.client_id)"
                 " AS uploads FROM clients c ORDER BY c.client_id"
             ).fetchall()
 
@@ -211,7 +217,7 @@ class State:
             return int(self._conn.execute("SELECT COUNT(*) FROM jobs WHERE state='queued'").fetchone()[0])
 
     def claim_next_job(self) -> Job | None:
-        """Oldest queued job, marked running; older queued jobs of a client with a newer one are superseded."""
+        """Oldest queued job, now running; a client's older queued jobs are superseded by its newest."""
         now = time.time()
         with self.tx() as db:
             while True:
@@ -247,7 +253,12 @@ class State:
             )
 
     def complete_job(
-        self, job: Job, global_blob: str, personal_blob: str, num_labels: int, new_labels: list[str],
+        self,
+        job: Job,
+        global_blob: str,
+        personal_blob: str,
+        num_labels: int,
+        new_labels: list[str],
         bank_blob: str | None,
     ) -> tuple[int, int]:
         """Atomically publish the new heads, labels and statistics bank, and mark the job done."""
@@ -255,7 +266,10 @@ class State:
         with self.tx() as db:
             gv = _next_version(db, GLOBAL, "")
             pv = _next_version(db, PERSONAL, job.client_id)
-            db.execute("INSERT INTO heads VALUES (?,?,?,?,?,?,?)", (GLOBAL, "", gv, global_blob, job.job_id, num_labels, now))
+            db.execute(
+                "INSERT INTO heads VALUES (?,?,?,?,?,?,?)",
+                (GLOBAL, "", gv, global_blob, job.job_id, num_labels, now),
+            )
             db.execute(
                 "INSERT INTO heads VALUES (?,?,?,?,?,?,?)",
                 (PERSONAL, job.client_id, pv, personal_blob, job.job_id, num_labels, now),
@@ -278,7 +292,8 @@ class State:
         with self._lock:
             if version:
                 row = self._conn.execute(
-                    "SELECT * FROM heads WHERE scope=? AND client_id=? AND version=?", (scope, client_id, version)
+                    "SELECT * FROM heads WHERE scope=? AND client_id=? AND version=?",
+                    (scope, client_id, version),
                 ).fetchone()
             else:
                 row = self._conn.execute(
@@ -321,15 +336,25 @@ class State:
 
 
 def _next_version(db: sqlite3.Connection, scope: str, client_id: str) -> int:
-    row = db.execute("SELECT MAX(version) FROM heads WHERE scope=? AND client_id=?", (scope, client_id)).fetchone()
+    row = db.execute(
+        "SELECT MAX(version) FROM heads WHERE scope=? AND client_id=?", (scope, client_id)
+    ).fetchone()
     return int(row[0] or 0) + 1
 
 
 def _job(row: sqlite3.Row) -> Job:
     return Job(
-        job_id=int(row["job_id"]), client_id=row["client_id"], upload_id=row["upload_id"],
-        task_key=row["task_key"], task_index=int(row["task_index"]), blob=row["blob"],
-        state=JobState(row["state"]), message=row["message"], created=row["created"], started=row["started"],
-        finished=row["finished"], global_version=int(row["global_version"]),
+        job_id=int(row["job_id"]),
+        client_id=row["client_id"],
+        upload_id=row["upload_id"],
+        task_key=row["task_key"],
+        task_index=int(row["task_index"]),
+        blob=row["blob"],
+        state=JobState(row["state"]),
+        message=row["message"],
+        created=row["created"],
+        started=row["started"],
+        finished=row["finished"],
+        global_version=int(row["global_version"]),
         personal_version=int(row["personal_version"]),
     )

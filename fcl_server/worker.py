@@ -24,7 +24,12 @@ class DistillationWorker:
     """One thread; order is part of the algorithm, so jobs never run concurrently on the heads."""
 
     def __init__(
-        self, state: State, blobs: BlobStore, fm_host: FMHost, cfg: OBODConfig, notifier: JobNotifier,
+        self,
+        state: State,
+        blobs: BlobStore,
+        fm_host: FMHost,
+        cfg: OBODConfig,
+        notifier: JobNotifier,
         device: str = "cpu",
     ) -> None:
         self.state, self.blobs, self.fm_host, self.cfg = state, blobs, fm_host, cfg
@@ -71,7 +76,9 @@ class DistillationWorker:
             return
         log.info(
             "job %d done in %.2fs: global v%d, personal v%d",
-            job.job_id, time.perf_counter() - started, *versions,
+            job.job_id,
+            time.perf_counter() - started,
+            *versions,
         )
 
     def _distill(self, job: Job) -> tuple[int, int]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 from benchmarks.cluster import enroll, start_client, start_server
@@ -22,8 +25,17 @@ def test_two_clients_learn_through_the_server(tmp_path: Path, small_split: Path,
     server = start_server(state, tmp_path / "server.log", "--public-corpus", str(small_split / "public.txt"))
     try:
         procs = {
-            c: start_client(server.target, c, tokens[c], small_split / "clients" / c, spec, tmp_path / c,
-                            tmp_path / f"{c}.log", "--epochs", "10")
+            c: start_client(
+                server.target,
+                c,
+                tokens[c],
+                small_split / "clients" / c,
+                spec,
+                tmp_path / c,
+                tmp_path / f"{c}.log",
+                "--epochs",
+                "10",
+            )
             for c, spec in clients.items()
         }
         for c, proc in procs.items():
@@ -51,6 +63,28 @@ def test_two_clients_learn_through_the_server(tmp_path: Path, small_split: Path,
         assert personal is not None and personal > zeroshot + 0.05, (c, personal, zeroshot)
         assert personal > 0.7, (c, personal)
 
+    # the trained client answers offline: top labels with probabilities, from the checkpoint
+    text = load_task_stream(small_split / "clients" / "client-0")[0].test[0]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fcl_client.cli",
+            "predict",
+            "--work-dir",
+            str(tmp_path / "client-0"),
+            "--json",
+            text.text,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    ranked = json.loads(out.stdout)[0]["labels"]
+    assert (
+        len(ranked) == 5 and ranked[0]["p"] >= ranked[-1]["p"] and 0 < sum(r["p"] for r in ranked) <= 1.0001
+    )
+
 
 def test_client_resumes_after_restart_without_repeating_tasks(tmp_path: Path, small_split: Path) -> None:
     """A finished client run again does nothing twice: no new upload, the same progress."""
@@ -59,7 +93,14 @@ def test_client_resumes_after_restart_without_repeating_tasks(tmp_path: Path, sm
     admin = enroll(state, "ops", admin=True)
     server = start_server(state, tmp_path / "server.log", "--public-corpus", str(small_split / "public.txt"))
     try:
-        args = (server.target, "client-0", token, small_split / "clients" / "client-0", "linear", tmp_path / "w")
+        args = (
+            server.target,
+            "client-0",
+            token,
+            small_split / "clients" / "client-0",
+            "linear",
+            tmp_path / "w",
+        )
         assert start_client(*args, tmp_path / "a.log", "--epochs", "3").wait(timeout=600) == 0
         assert start_client(*args, tmp_path / "b.log", "--epochs", "3").wait(timeout=600) == 0
         with Connection(server.target, admin) as conn:
@@ -69,4 +110,3 @@ def test_client_resumes_after_restart_without_repeating_tasks(tmp_path: Path, sm
     assert len(jobs) == 2, [(j.job_id, j.task_key) for j in jobs]
     second_run = (tmp_path / "b.log").read_text()
     assert "trained" not in second_run and "uploaded" not in second_run, second_run
-

@@ -54,7 +54,8 @@ def generated_files(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): p.read_text()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and (p.name.endswith(GENERATED_SUFFIXES) or p.name == "__init__.py")
+        if p.is_file()
+        and (p.name.endswith(GENERATED_SUFFIXES) or p.name == "__init__.py")
         and "fcl" in p.relative_to(root).parts
     }
 

@@ -1,4 +1,4 @@
-"""One-by-One Distillation of an uploaded small model into the FM's global and personalised heads (DESIGN §3.2)."""
+"""One-by-One Distillation of each uploaded small model into the FM's global and personal heads."""
 
 from __future__ import annotations
 
@@ -73,7 +73,10 @@ def _fit(
     teacher_cols = column_index(student.labels, teacher.labels).to(device)
     taught = set(teacher.labels)
     kept = [y for y in anchor.labels if y not in taught]
-    kept_student, kept_anchor = column_index(student.labels, kept).to(device), column_index(anchor.labels, kept)
+    kept_student, kept_anchor = (
+        column_index(student.labels, kept).to(device),
+        column_index(anchor.labels, kept),
+    )
     proto_labels = [y for y in proto_labels if y in set(student.labels)]
     sampler = bank.sampler(proto_labels) if proto_labels else None
     proto_cols = column_index(student.labels, proto_labels)

@@ -80,7 +80,9 @@ def train_task(
             if assist is not None and cfg.lambda_fm > 0 and len(assist_cols) > 1:
                 with torch.no_grad():
                     fm_logits = assist.forward(x)[:, assist_src.to(device)]
-                loss = loss + cfg.lambda_fm * kd_loss(fm_logits, logits[:, assist_cols.to(device)], cfg.temperature)
+                loss = loss + cfg.lambda_fm * kd_loss(
+                    fm_logits, logits[:, assist_cols.to(device)], cfg.temperature
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

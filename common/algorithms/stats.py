@@ -45,7 +45,8 @@ class StatsBank:
         n = old.count + new.count
         mean = (old.count * old.mean + new.count * new.mean) / n
         var = (
-            old.count * (old.std**2 + (old.mean - mean) ** 2) + new.count * (new.std**2 + (new.mean - mean) ** 2)
+            old.count * (old.std**2 + (old.mean - mean) ** 2)
+            + new.count * (new.std**2 + (new.mean - mean) ** 2)
         ) / n
         self.stats[label] = LabelStats(n, mean, var.clamp_min(0).sqrt())
 
