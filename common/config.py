@@ -30,13 +30,13 @@ class OBODConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    head_spec: str = Field("mlp:768:gelu", description="zoo spec of the FM's global/personal heads")
+    head_spec: str = Field("linear", description="zoo spec of the FM's global/personal heads")
     temperature: float = Field(2.0, gt=0)
-    epochs: int = Field(8, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(6, ge=1)
+    lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(256, ge=1)
     lambda_anchor: float = Field(1.0, ge=0, description="keep logits of labels other teachers taught")
     lambda_proto: float = Field(1.0, ge=0, description="CE on pseudo-features of the statistics bank")
     proto_batch: int = Field(256, ge=1, description="pseudo-features from the statistics bank per step")
     min_steps: int = Field(300, ge=1, description="least optimizer steps per fit, however small the corpus")
-    personal_epochs: int = Field(4, ge=0, description="extra epochs fitting P_c to its client's teacher")
+    personal_epochs: int = Field(2, ge=0, description="extra epochs fitting P_c to its client's teacher")

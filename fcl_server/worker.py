@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from common.algorithms.obod import Head, Teacher, distill_global, personalise
+from common.algorithms.obod import Head, Teacher, run_job
 from common.algorithms.stats import StatsBank
 from common.config import OBODConfig
 from common.package import KnowledgePackage, decode_package, decode_stats, encode_package, encode_stats
@@ -85,20 +85,17 @@ class DistillationWorker:
         pkg = decode_package(self.blobs.read(job.blob))
         teacher = Teacher(pkg.build().to(self.device), pkg.labels)
         current = self._global_head()
-        bank = self._bank()
-        if pkg.stats is not None:
-            bank.merge_bank(pkg.stats)
         public = self.fm_host.public_features()
-        seed = job.job_id
-        new_global = distill_global(current, teacher, public, bank, self.cfg, seed=seed)
-        personal = personalise(new_global, teacher, public, bank, self.cfg, seed=seed)
+        out = run_job(current, self._bank(), teacher, pkg.stats, public, self.cfg, seed=job.job_id)
         digest = self.fm_host.info.digest
-        g_blob = self.blobs.put_bytes(encode_package(_head_package(new_global, digest)))
-        p_blob = self.blobs.put_bytes(encode_package(_head_package(personal, digest)))
-        bank_blob = self.blobs.put_bytes(encode_stats(bank)) if bank.stats else None
+        g_blob = self.blobs.put_bytes(encode_package(_head_package(out.global_head, digest)))
+        p_blob = self.blobs.put_bytes(encode_package(_head_package(out.personal_head, digest)))
+        bank_blob = self.blobs.put_bytes(encode_stats(out.bank)) if out.bank.stats else None
         known = set(current.labels) if current else set()
-        new_labels = [y for y in new_global.labels if y not in known]
-        return self.state.complete_job(job, g_blob, p_blob, len(new_global.labels), new_labels, bank_blob)
+        new_labels = [y for y in out.global_head.labels if y not in known]
+        return self.state.complete_job(
+            job, g_blob, p_blob, len(out.global_head.labels), new_labels, bank_blob
+        )
 
     def _global_head(self) -> Head | None:
         found = self.state.head(GLOBAL, "")

@@ -501,3 +501,18 @@ def test_rejects_malformed_stats_labels(stats_labels: str) -> None:
     meta = dict(base_metadata(model), stats_labels=stats_labels)
     with pytest.raises(PackageError):
         decode_package(craft({**base_tensors(model), **stats_tensors(2)}, meta))
+
+
+def test_header_length_starting_with_pickle_or_zip_magic_is_still_accepted() -> None:
+    """Regression: a valid file whose 8-byte header length begins 0x80 or 'PK' is not a pickle/zip."""
+    model = make_model()
+    base = encode_package(KnowledgePackage.from_model(model, ["a", "b", "c"], "d" * 64))
+    for magic in (0x80, 0x4B50):
+        header_len = int.from_bytes(base[:8], "little")
+        # pad the JSON header with spaces (allowed) until its length has the wanted low byte(s)
+        mask = 0xFF if magic < 0x100 else 0xFFFF
+        pad = (magic - header_len) % (mask + 1)
+        header = base[8 : 8 + header_len] + b" " * pad
+        data = (len(header)).to_bytes(8, "little") + header + base[8 + header_len :]
+        assert data[:1] == b"\x80" or data[:2] == b"PK"
+        assert decode_package(data).labels == ["a", "b", "c"]

@@ -33,6 +33,35 @@ class Teacher:
     labels: list[str]
 
 
+@dataclass
+class JobOutcome:
+    global_head: Head
+    personal_head: Head
+    bank: StatsBank
+
+
+def run_job(
+    global_head: Head | None,
+    bank: StatsBank,
+    teacher: Teacher,
+    teacher_stats: StatsBank | None,
+    public: torch.Tensor,
+    cfg: OBODConfig,
+    seed: int = 0,
+) -> JobOutcome:
+    """One OBOD job (DESIGN §3.2 steps 1-4): merge the upload's statistics, update G, personalise P_c.
+
+    Inputs are not modified; the server persists the outcome atomically, the benchmark keeps it in memory.
+    """
+    merged = StatsBank(bank.dim)
+    merged.merge_bank(bank)
+    if teacher_stats is not None:
+        merged.merge_bank(teacher_stats)
+    new_global = distill_global(global_head, teacher, public, merged, cfg, seed=seed)
+    personal = personalise(new_global, teacher, public, merged, cfg, seed=seed)
+    return JobOutcome(new_global, personal, merged)
+
+
 def distill_global(
     head: Head | None, teacher: Teacher, public: torch.Tensor, bank: StatsBank, cfg: OBODConfig, seed: int = 0
 ) -> Head:

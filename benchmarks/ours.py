@@ -1,0 +1,90 @@
+"""`ours` and its ablations, in-process: the client Learner (SMCF) and the server's OBOD job, as users run them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.evaluate import Recorder, predictor
+from benchmarks.scenario import Scenario
+from common.algorithms.obod import Head, Teacher, run_job
+from common.algorithms.stats import StatsBank
+from common.config import OBODConfig, SMCFConfig
+from common.package import KnowledgePackage, decode_package, encode_package
+from common.zoo import parse_spec
+from fcl_client.learner import Learner
+
+# five different zoo specs for five clients (heterogeneous small models); cycled for more clients
+HETERO_SPECS = ["mlp:256", "linear", "mlp:512,128:gelu", "mlp:384:tanh", "mlp:1024:relu:ln"]
+HOMO_SPECS = ["mlp:256"]
+
+
+@dataclass
+class Traffic:
+    up: int = 0
+    down: int = 0
+    rounds: int = 0
+
+
+def run_ours(
+    sc: Scenario, seed: int, rec: Recorder, smcf: SMCFConfig, obod: OBODConfig, specs: list[str]
+) -> Traffic:
+    """Every task: each client (in client order) trains with SMCF, uploads; OBOD runs on each upload."""
+    learners = {
+        c: Learner(parse_spec(specs[i % len(specs)]), sc.feature_dim, "bench")
+        for i, c in enumerate(sc.clients)
+    }
+    global_head: Head | None = None
+    bank = StatsBank(sc.feature_dim)
+    traffic = Traffic()
+    for t, task in enumerate(sc.tasks):
+        for i, client in enumerate(sc.clients):
+            data = sc.train[client].get(task)
+            if data is None or not data.labels:
+                continue
+            job_seed = seed * 10_000 + t * 100 + i
+            torch.manual_seed(job_seed)
+            learner = learners[client]
+            learner.train(data.features, data.labels, smcf, seed=job_seed)
+            wire = encode_package(learner.package(smcf, seed=job_seed))  # exactly what would be uploaded
+            pkg = decode_package(wire)
+            out = run_job(
+                global_head, bank, Teacher(pkg.build(), pkg.labels), pkg.stats, sc.public, obod, seed=job_seed
+            )
+            global_head, bank = out.global_head, out.bank
+            learner.personal = out.personal_head
+            head_wire = encode_package(
+                KnowledgePackage.from_model(
+                    out.personal_head.model, out.personal_head.labels, "bench", "head"
+                )
+            )
+            traffic.up += len(wire)
+            traffic.down += len(head_wire)
+            traffic.rounds += 1
+        active = {c: lr for c, lr in learners.items() if lr.model is not None}
+        rec.after_task(
+            t,
+            global_head=predictor(global_head.model, global_head.labels) if global_head else None,
+            personal={
+                c: predictor(lr.personal.model, lr.personal.labels) for c, lr in active.items() if lr.personal
+            },
+            small={c: predictor(lr.model, lr.labels) for c, lr in active.items() if lr.model is not None},
+        )
+    return traffic
+
+
+def ours_variant(name: str, smcf: SMCFConfig) -> tuple[SMCFConfig, list[str]]:
+    """The SMCF config and specs of `ours` or one of its ablations."""
+    specs = HETERO_SPECS
+    if name == "ours-noproto":
+        smcf = smcf.model_copy(update={"share_stats": False})
+    elif name == "ours-noassist":
+        smcf = smcf.model_copy(update={"lambda_fm": 0.0})
+    elif name == "ours-nosmcf":
+        smcf = smcf.model_copy(update={"replay": False, "lambda_old": 0.0})
+    elif name == "ours-homo":
+        specs = HOMO_SPECS
+    elif name != "ours":
+        raise ValueError(f"unknown variant {name}")
+    return smcf, specs
