@@ -14,7 +14,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,7 +35,7 @@ DEMO_SPECS = ["mlp:256", "linear", "mlp:512,128:gelu"]
 class ClusterRun:
     """What a federated run over real processes produced."""
 
-    client_records: dict[str, list[dict[str, object]]]
+    client_records: dict[str, list[dict[str, Any]]]
     global_rows: Matrix
     global_final: float | None
     num_tasks: int
@@ -67,8 +69,8 @@ def run_cluster(
     specs: list[str],
     client_args: list[str] | None = None,
     server_args: list[str] | None = None,
-    say=print,
-) -> ClusterRun:  # type: ignore[no-untyped-def]
+    say: Callable[[str], None] = print,
+) -> ClusterRun:
     """Run a server and one client process per `data/clients/*` stream; evaluate FM-global per task."""
     started = time.perf_counter()
     state = work / "server"
@@ -140,18 +142,18 @@ def evaluate_global(
     return rows, final, len(tasks)
 
 
-def _read_records(path: Path) -> list[dict[str, object]]:
-    return sorted(json.loads(path.read_text()), key=lambda r: int(r["task_index"])) if path.exists() else []  # type: ignore[arg-type]
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    return sorted(json.loads(path.read_text()), key=lambda r: int(r["task_index"])) if path.exists() else []
 
 
 def client_part(run: ClusterRun, row_key: str, acc_key: str) -> dict[str, object]:
     """Mean over clients of their own R matrices and final pooled accuracy."""
     matrices, finals = [], []
     for records in run.client_records.values():
-        matrix = [list(r[row_key]) for r in records]  # type: ignore[call-overload]
+        matrix = [list(r[row_key]) for r in records]
         matrices.append(matrix)
         if records and records[-1].get(acc_key) is not None:
-            finals.append(float(records[-1][acc_key]))  # type: ignore[arg-type]
+            finals.append(float(records[-1][acc_key]))
     return summarize(mean_matrix(matrices), sum(finals) / len(finals) if finals else None)
 
 
@@ -164,8 +166,8 @@ def result_entry(run: ClusterRun, method: str, seed: int) -> dict[str, object]:
         "fm_global": summarize(run.global_rows, run.global_final),
         "fm_personal": client_part(run, "personal_row", "personal_acc"),
         "small": client_part(run, "small_row", "small_acc"),
-        "bytes_up_per_client_round": sum(float(r.get("bytes_up", 0)) for r in records) / rounds,  # type: ignore[arg-type]
-        "bytes_down_per_client_round": sum(float(r.get("bytes_down", 0)) for r in records) / rounds,  # type: ignore[arg-type]
+        "bytes_up_per_client_round": sum(float(r.get("bytes_up", 0)) for r in records) / rounds,
+        "bytes_down_per_client_round": sum(float(r.get("bytes_down", 0)) for r in records) / rounds,
         "wall_s": run.wall_s,
         "peak_rss_mb": max(
             resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
@@ -207,7 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     data = split_builtin(work, args.tasks, args.clients, args.seed)
     print(f"built-in dataset split into {args.tasks} tasks x {args.clients} clients under {data}")
-    run = run_cluster(data, work, DEMO_SPECS, client_args=["--seed", str(args.seed)])
+    run = run_cluster(
+        data,
+        work,
+        DEMO_SPECS,
+        client_args=["--seed", str(args.seed)],
+        server_args=["--public-corpus", str(data / "public.txt")],
+    )
     entry = result_entry(run, "ours", args.seed)
     report = {
         "scenario": f"builtin-{args.tasks}x{args.clients}",

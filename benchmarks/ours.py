@@ -1,4 +1,4 @@
-"""`ours` and its ablations, in-process: the client Learner (SMCF) and the server's OBOD job, as users run them."""
+"""`ours` and its ablations, in-process: the client Learner (SMCF) and the server's OBOD job."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Benchmark runner (BENCHMARK.md): `python -m benchmarks.run --scenario NAME --data DIR --methods a,b --seeds 0,1,2 --out FILE`."""
+"""Benchmark runner (BENCHMARK.md): `python -m benchmarks.run --scenario S --data D --methods a,b --out F`."""
 
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ def decode_package(data: bytes, limits: PackageLimits | None = None) -> Knowledg
     except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
         # only now may the first bytes explain it: a safetensors header length can start with any byte
         if data[:2] == b"PK" or data[:1] == b"\x80":
-            raise PackageError("package is a zip/pickle (torch.save) payload; only safetensors is accepted") from exc
+            raise PackageError("package is a zip/pickle (torch.save) payload; use safetensors") from exc
         raise PackageError(f"package is not a valid safetensors file: {exc}") from exc
     if metadata.get("format") != FORMAT:
         raise PackageError(f"package format is {metadata.get('format')!r}, expected {FORMAT!r}")
