@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.evaluate import Predictor, Recorder, predictor
-from benchmarks.ours import HETERO_SPECS, HOMO_SPECS, Traffic
+from benchmarks.ours import (
+    DIGEST,
+    HETERO_SPECS,
+    HOMO_SPECS,
+    Traffic,
+    job_seed,
+    make_learners,
+    task_data,
+)
 from benchmarks.scenario import Scenario
 from common.algorithms.losses import column_index, kd_loss
 from common.algorithms.obod import Head, Teacher
@@ -24,22 +32,11 @@ from common.algorithms.stats import StatsBank
 from common.config import OBODConfig, SMCFConfig
 from common.package import KnowledgePackage, decode_package, encode_package
 from common.zoo import SmallModel, parse_spec
-from fcl_client.learner import Learner
 
 Method = Callable[[Scenario, int, Recorder, SMCFConfig, OBODConfig], Traffic]
 
 JOINT_EPOCHS = 30  # centralised training from scratch on everything seen so far: train to convergence
 SERVER_SLOT = 99  # seed slot of the server's work in a task (client slots are 0..98)
-DIGEST = "bench"
-
-
-def job_seed(seed: int, t: int, slot: int) -> int:
-    return seed * 10_000 + t * 100 + slot
-
-
-def _task_data(sc: Scenario, client: str, task: str) -> TaskData | None:
-    data = sc.train[client].get(task)
-    return data if data is not None and data.labels else None
 
 
 def _cat(parts: list[TaskData]) -> TaskData:
@@ -61,7 +58,7 @@ def run_joint(sc: Scenario, seed: int, rec: Recorder, smcf: SMCFConfig, obod: OB
     )
     pooled: list[TaskData] = []
     for t, task in enumerate(sc.tasks):
-        pooled += [d for c in sc.clients if (d := _task_data(sc, c, task)) is not None]
+        pooled += [d for c in sc.clients if (d := task_data(sc, c, task)) is not None]
         if not pooled:
             continue
         data = _cat(pooled)
@@ -101,13 +98,10 @@ def run_zeroshot(sc: Scenario, seed: int, rec: Recorder, smcf: SMCFConfig, obod:
 
 def run_local(sc: Scenario, seed: int, rec: Recorder, smcf: SMCFConfig, obod: OBODConfig) -> Traffic:
     cfg = smcf.model_copy(update={"lambda_fm": 0.0})  # no FM head to assist: there is no server
-    learners = {
-        c: Learner(parse_spec(HETERO_SPECS[i % len(HETERO_SPECS)]), sc.feature_dim, DIGEST)
-        for i, c in enumerate(sc.clients)
-    }
+    learners = make_learners(sc, HETERO_SPECS)
     for t, task in enumerate(sc.tasks):
         for i, client in enumerate(sc.clients):
-            data = _task_data(sc, client, task)
+            data = task_data(sc, client, task)
             if data is None:
                 continue
             s = job_seed(seed, t, i)
@@ -160,7 +154,7 @@ def run_fedavg(sc: Scenario, seed: int, rec: Recorder, cfg: SMCFConfig) -> Traff
     joined: list[str] = []
     traffic = Traffic()
     for t, task in enumerate(sc.tasks):
-        round_data = {c: d for c in sc.clients if (d := _task_data(sc, c, task)) is not None}
+        round_data = {c: d for c in sc.clients if (d := task_data(sc, c, task)) is not None}
         if round_data:
             prev = snapshot(model) if model is not None and use_prev else None
             labels = list(dict.fromkeys([*labels, *(y for d in round_data.values() for y in d.labels)]))
@@ -262,17 +256,14 @@ def run_feddf(sc: Scenario, seed: int, rec: Recorder, smcf: SMCFConfig, obod: OB
     """Clients: SMCF without FM assistance on heterogeneous heads, uploading weights (no statistics).
     Server, once per task after the round: distil the ensemble of every client's latest upload into G."""
     cfg = smcf.model_copy(update={"lambda_fm": 0.0, "share_stats": False})
-    learners = {
-        c: Learner(parse_spec(HETERO_SPECS[i % len(HETERO_SPECS)]), sc.feature_dim, DIGEST)
-        for i, c in enumerate(sc.clients)
-    }
+    learners = make_learners(sc, HETERO_SPECS)
     latest: dict[str, Teacher] = {}
     head: Head | None = None
     traffic = Traffic()
     for t, task in enumerate(sc.tasks):
         uploads = 0
         for i, client in enumerate(sc.clients):
-            data = _task_data(sc, client, task)
+            data = task_data(sc, client, task)
             if data is None:
                 continue
             s = job_seed(seed, t, i)

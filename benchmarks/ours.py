@@ -9,6 +9,7 @@ import torch
 from benchmarks.evaluate import Recorder, predictor
 from benchmarks.scenario import Scenario
 from common.algorithms.obod import Head, Teacher, run_job
+from common.algorithms.smcf import TaskData
 from common.algorithms.stats import StatsBank
 from common.config import OBODConfig, SMCFConfig
 from common.package import KnowledgePackage, decode_package, encode_package
@@ -18,6 +19,27 @@ from fcl_client.learner import Learner
 # five different zoo specs for five clients (heterogeneous small models); cycled for more clients
 HETERO_SPECS = ["mlp:256", "linear", "mlp:512,128:gelu", "mlp:384:tanh", "mlp:1024:relu:ln"]
 HOMO_SPECS = ["mlp:256"]
+
+
+DIGEST = "bench"  # in-process runs have no server FM to name; packages carry this placeholder
+
+
+def job_seed(seed: int, t: int, slot: int) -> int:
+    """Seed of one client's (slot 0..98) or the server's (slot 99) work in task t."""
+    return seed * 10_000 + t * 100 + slot
+
+
+def task_data(sc: Scenario, client: str, task: str) -> TaskData | None:
+    data = sc.train[client].get(task)
+    return data if data is not None and data.labels else None
+
+
+def make_learners(sc: Scenario, specs: list[str]) -> dict[str, Learner]:
+    """One Learner per client, specs cycled by client index."""
+    return {
+        c: Learner(parse_spec(specs[i % len(specs)]), sc.feature_dim, DIGEST)
+        for i, c in enumerate(sc.clients)
+    }
 
 
 @dataclass
@@ -31,33 +53,28 @@ def run_ours(
     sc: Scenario, seed: int, rec: Recorder, smcf: SMCFConfig, obod: OBODConfig, specs: list[str]
 ) -> Traffic:
     """Every task: each client (in client order) trains with SMCF, uploads; OBOD runs on each upload."""
-    learners = {
-        c: Learner(parse_spec(specs[i % len(specs)]), sc.feature_dim, "bench")
-        for i, c in enumerate(sc.clients)
-    }
+    learners = make_learners(sc, specs)
     global_head: Head | None = None
     bank = StatsBank(sc.feature_dim)
     traffic = Traffic()
     for t, task in enumerate(sc.tasks):
         for i, client in enumerate(sc.clients):
-            data = sc.train[client].get(task)
-            if data is None or not data.labels:
+            data = task_data(sc, client, task)
+            if data is None:
                 continue
-            job_seed = seed * 10_000 + t * 100 + i
-            torch.manual_seed(job_seed)
+            s = job_seed(seed, t, i)
+            torch.manual_seed(s)
             learner = learners[client]
-            learner.train(data.features, data.labels, smcf, seed=job_seed)
-            wire = encode_package(learner.package(smcf, seed=job_seed))  # exactly what would be uploaded
+            learner.train(data.features, data.labels, smcf, seed=s)
+            wire = encode_package(learner.package(smcf, seed=s))  # exactly what would be uploaded
             pkg = decode_package(wire)
             out = run_job(
-                global_head, bank, Teacher(pkg.build(), pkg.labels), pkg.stats, sc.public, obod, seed=job_seed
+                global_head, bank, Teacher(pkg.build(), pkg.labels), pkg.stats, sc.public, obod, seed=s
             )
             global_head, bank = out.global_head, out.bank
             learner.personal = out.personal_head
             head_wire = encode_package(
-                KnowledgePackage.from_model(
-                    out.personal_head.model, out.personal_head.labels, "bench", "head"
-                )
+                KnowledgePackage.from_model(out.personal_head.model, out.personal_head.labels, DIGEST, "head")
             )
             traffic.up += len(wire)
             traffic.down += len(head_wire)
