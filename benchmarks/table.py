@@ -134,6 +134,15 @@ def markdown_table(doc: dict[str, Any]) -> str:
         f"FM `{doc.get('fm', '?')}`, seeds {', '.join(str(s) for s in seeds)}; mean ± std over seeds "
         "(std with ddof=0). Accuracies in %, forgetting/BWT in percentage points.",
         "",
+        *(
+            [
+                f"Produced by `{doc['command']}`"
+                + (f" (evaluated on the {doc['eval_split']} split)." if doc.get("eval_split") else "."),
+                "",
+            ]
+            if doc.get("command")
+            else []
+        ),
         "| method | " + " | ".join(header for _, header, _ in COLUMNS) + " |",
         "|---|" + "---:|" * len(COLUMNS),
     ]

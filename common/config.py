@@ -35,6 +35,8 @@ class OBODConfig(BaseModel):
     epochs: int = Field(6, ge=1)
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(256, ge=1)
+    kd_standardize: bool = Field(False, description="z-score teacher and student logits per row before KD")
+    lambda_kd: float = Field(1.0, ge=0, description="weight of KD from the uploaded teacher on public data")
     lambda_anchor: float = Field(1.0, ge=0, description="keep logits of labels other teachers taught")
     lambda_proto: float = Field(1.0, ge=0, description="CE on pseudo-features of the statistics bank")
     proto_batch: int = Field(256, ge=1, description="pseudo-features from the statistics bank per step")

@@ -42,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         "otherwise the server's FM is downloaded",
     )
     run.add_argument("--epochs", type=int, help="SMCF epochs per task (default 20)")
-    run.add_argument("--no-share-stats", action="store_true", help="do not upload class statistics")
+    run.add_argument(
+        "--share-stats",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="upload per-label feature mean/std with the model (default: on)",
+    )
     run.add_argument("--stats-noise", type=float, help="Gaussian noise std added to shared statistics")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds")
@@ -82,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             for k, v in {
                 "epochs": args.epochs,
                 "stats_noise": args.stats_noise,
-                "share_stats": False if args.no_share_stats else None,
+                "share_stats": args.share_stats,
             }.items()
             if v is not None
         }

@@ -125,7 +125,11 @@ def _fit(
             order = torch.cat([order, torch.randperm(len(u), generator=gen)])
         idx, order = order[: cfg.batch_size].to(device), order[cfg.batch_size :]
         logits = student.model(u[idx])
-        loss = kd_loss(teacher_logits[idx], logits[:, teacher_cols], cfg.temperature)
+        student_taught = logits[:, teacher_cols]
+        target = teacher_logits[idx]
+        if cfg.kd_standardize:
+            target, student_taught = _zscore(target), _zscore(student_taught)
+        loss = cfg.lambda_kd * kd_loss(target, student_taught, cfg.temperature)
         if anchor_logits is not None and cfg.lambda_anchor > 0:
             loss = loss + cfg.lambda_anchor * F.mse_loss(logits[:, kept_student], anchor_logits[idx])
         if sampler is not None and cfg.lambda_proto > 0:
@@ -137,6 +141,11 @@ def _fit(
         loss.backward()
         opt.step()
     student.model.eval()
+
+
+def _zscore(logits: torch.Tensor) -> torch.Tensor:
+    """Per-row standardised logits: KD then compares rankings, not the scales of different models."""
+    return (logits - logits.mean(dim=1, keepdim=True)) / logits.std(dim=1, keepdim=True).clamp_min(1e-6)
 
 
 def _batched(model: SmallModel, x: torch.Tensor, batch: int = 4096) -> torch.Tensor:
