@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from common.config import SMCFConfig
 from common.datasets.records import DataFormatError
 from common.fm import FoundationModel, FoundationModelError
+from common.tls import TLSConfigError
 from common.zoo import SpecError
 from fcl_client.checkpoint import CheckpointStore
 from fcl_client.connection import Connection, TransferError
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="upload per-label feature mean/std with the model (default: on)",
     )
     run.add_argument("--stats-noise", type=float, help="Gaussian noise std added to shared statistics")
+    run.add_argument("--tls-ca", type=Path, help="CA that signed the server certificate: enables TLS")
+    run.add_argument("--tls-cert", type=Path, help="client certificate chain for mutual TLS (PEM)")
+    run.add_argument("--tls-key", type=Path, help="client private key for mutual TLS (PEM)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds")
     run.add_argument("--log-level", default="WARNING")
@@ -70,7 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         code = exc.code().name if isinstance(exc, grpc.Call) else "UNKNOWN"
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
         print(f"fcl-client: server error {code}: {details}", file=sys.stderr)
-    except (ValidationError, SpecError, DataFormatError, FoundationModelError, TransferError, OSError) as exc:
+    except (
+        ValidationError,
+        SpecError,
+        DataFormatError,
+        FoundationModelError,
+        TransferError,
+        TLSConfigError,
+        OSError,
+    ) as exc:
         print(f"fcl-client: error: {exc}", file=sys.stderr)
     except RuntimeError as exc:
         print(f"fcl-client: error: {exc}", file=sys.stderr)
@@ -103,9 +115,21 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "timeout": args.timeout,
     }
-    fields.update({k: v for k, v in {"device": args.device, "fm": args.fm}.items() if v})
+    fields.update(
+        {
+            k: v
+            for k, v in {
+                "device": args.device,
+                "fm": args.fm,
+                "tls_ca": args.tls_ca,
+                "tls_cert": args.tls_cert,
+                "tls_key": args.tls_key,
+            }.items()
+            if v
+        }
+    )
     cfg = ClientConfig(**fields)
-    with Connection(cfg.server, cfg.token, timeout=cfg.timeout) as conn:
+    with Connection(cfg.server, cfg.token, timeout=cfg.timeout, tls=cfg.tls()) as conn:
         summary = ClientRunner(cfg, conn, say=lambda line: print(line, flush=True)).run()
     print(f"[{cfg.client_id}] finished {summary.tasks_done} tasks", flush=True)
     if summary.failed_jobs:

@@ -15,6 +15,7 @@ import grpc
 from common.fm import file_sha256
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.stubs.fcl.v1 import fcl_pb2_grpc
+from common.tls import TLSFiles
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,10 +29,19 @@ class TransferError(RuntimeError):
 
 class Connection:
     def __init__(
-        self, target: str, token: str, timeout: float = 60.0, retries: int = 6, backoff: float = 0.5
+        self,
+        target: str,
+        token: str,
+        timeout: float = 60.0,
+        retries: int = 6,
+        backoff: float = 0.5,
+        tls: TLSFiles | None = None,
     ) -> None:
         self.target = target
-        self.channel = grpc.insecure_channel(target)
+        if tls is not None and tls.enabled:
+            self.channel = grpc.secure_channel(target, tls.channel_credentials())
+        else:
+            self.channel = grpc.insecure_channel(target)
         self.stub = fcl_pb2_grpc.FclServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),)
         self.timeout = timeout

@@ -24,6 +24,7 @@ from common.fm import (
 )
 from common.package import encode_package
 from common.stubs.fcl.v1 import fcl_pb2 as pb
+from common.tls import TLSFiles
 from common.zoo import parse_spec
 from fcl_client.checkpoint import CheckpointStore, Progress, Step
 from fcl_client.connection import Connection
@@ -47,6 +48,12 @@ class ClientConfig(BaseModel):
     smcf: SMCFConfig = Field(default_factory=SMCFConfig)
     seed: int = 0
     timeout: float = 60.0
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def tls(self) -> TLSFiles:
+        return TLSFiles(self.tls_cert, self.tls_key, self.tls_ca)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from common.config import OBODConfig
 from common.fm import DEFAULT_FM, FoundationModel, default_device
 from common.stubs.fcl.v1 import fcl_pb2, fcl_pb2_grpc
+from common.tls import TLSConfigError, TLSFiles, is_loopback
 from fcl_server.blobs import BlobStore
 from fcl_server.fm_host import FMHost, read_public_corpus
 from fcl_server.service import FclService, ServerLimits
@@ -37,6 +38,21 @@ class ServerConfig(BaseModel):
     max_workers: int = Field(32, ge=1)
     obod: OBODConfig = Field(default_factory=OBODConfig)
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = Field(None, description="require client certificates signed by this CA")
+    insecure: bool = Field(False, description="allow plaintext on a non-loopback address")
+
+    def tls(self) -> TLSFiles:
+        return TLSFiles(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+    def check_transport(self) -> None:
+        """Plaintext is only for loopback unless the operator says --insecure explicitly."""
+        if not self.tls().enabled and not is_loopback(self.listen) and not self.insecure:
+            raise TLSConfigError(
+                f"refusing to serve {self.listen} without TLS: pass --tls-cert/--tls-key, "
+                "or --insecure to accept plaintext on a non-loopback address"
+            )
 
 
 @dataclass
@@ -70,6 +86,8 @@ def open_state(state_dir: Path) -> State:
 
 def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> RunningServer:
     """Build and start the server; returns it with the port it bound (listen on port 0 for a free one)."""
+    config.check_transport()
+    credentials = config.tls().server_credentials() if config.tls().enabled else None
     state_dir = config.state_dir
     state = open_state(state_dir)
     blobs = BlobStore(state_dir / "blobs")
@@ -88,7 +106,10 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(config.listen)
+    if credentials is not None:
+        port = server.add_secure_port(config.listen, credentials)
+    else:
+        port = server.add_insecure_port(config.listen)
     if port == 0:
         state.close()
         raise OSError(f"could not bind {config.listen}")

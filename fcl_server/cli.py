@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     serve.add_argument("--head-spec", help="zoo spec of the FM heads, e.g. mlp:768:gelu")
     serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    serve.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
+    serve.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    serve.add_argument("--tls-client-ca", type=Path, help="CA of client certificates: enables mutual TLS")
+    serve.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
     serve.add_argument("--log-level", default="INFO")
 
     enroll = sub.add_parser("enroll", help="issue a bearer token for a client (or an admin) and print it")
@@ -95,6 +99,10 @@ def serve(args: argparse.Namespace) -> int:
         "fm": args.fm,
         "obod": obod,
         "public_corpus": args.public_corpus,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
+        "insecure": args.insecure,
     }
     if args.device:
         fields["device"] = args.device
