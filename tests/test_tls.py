@@ -99,17 +99,20 @@ def test_client_talks_to_a_tls_server(tls_server: RunningServer, pki: Path, fm: 
 
 
 def test_plaintext_client_cannot_reach_a_tls_server(tls_server: RunningServer) -> None:
-    with Connection(f"127.0.0.1:{tls_server.port}", "tok-0", timeout=3, retries=0) as conn:
-        with pytest.raises(grpc.RpcError) as exc:
-            conn.register("client-0", "")
+    target = f"127.0.0.1:{tls_server.port}"
+    with Connection(target, "tok-0", timeout=3, retries=0) as conn, pytest.raises(grpc.RpcError) as exc:
+        conn.register("client-0", "")
     assert exc.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
 
 
 def test_mutual_tls_requires_a_client_certificate(mtls_server: RunningServer, pki: Path) -> None:
     target = f"127.0.0.1:{mtls_server.port}"
-    with Connection(target, "tok-0", timeout=3, retries=0, tls=TLSFiles(ca=pki / "ca.pem")) as conn:
-        with pytest.raises(grpc.RpcError):
-            conn.register("client-0", "")
+    server_only = TLSFiles(ca=pki / "ca.pem")
+    with (
+        Connection(target, "tok-0", timeout=3, retries=0, tls=server_only) as conn,
+        pytest.raises(grpc.RpcError),
+    ):
+        conn.register("client-0", "")
     mutual = TLSFiles(cert=pki / "client.pem", key=pki / "client.key", ca=pki / "ca.pem")
     with Connection(target, "tok-0", tls=mutual) as conn:
         assert conn.register("client-0", "").client_id == "client-0"
