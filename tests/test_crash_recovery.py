@@ -1,0 +1,69 @@
+"""kill -9 the server during a distillation job: after a restart the upload is distilled exactly once."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.cluster import enroll, start_server
+from common.algorithms.stats import StatsBank
+from common.fm import FoundationModel
+from common.package import KnowledgePackage, encode_package
+from common.stubs.fcl.v1 import fcl_pb2 as pb
+from common.zoo import SmallModel, parse_spec
+from fcl_client.connection import Connection
+
+
+def _package(fm: FoundationModel) -> bytes:
+    torch.manual_seed(0)
+    labels = [f"label_{i}" for i in range(8)]
+    bank = StatsBank(fm.feature_dim)
+    bank.add_features(torch.randn(32, fm.feature_dim), [y for y in labels for _ in range(4)])
+    model = SmallModel(parse_spec("mlp:64"), fm.feature_dim, len(labels))
+    return encode_package(KnowledgePackage.from_model(model, labels, fm.digest, "small", [4] * 8, bank))
+
+
+def _wait_for_state(conn: Connection, job_id: int, state: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(j.job_id == job_id and j.state == state for j in conn.status().jobs):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached {pb.JobState.Name(state)}")
+
+
+def test_job_interrupted_by_kill_is_completed_once_after_restart(
+    tmp_path: Path, fm: FoundationModel, small_split: Path
+) -> None:
+    state = tmp_path / "state"
+    token, admin = enroll(state, "client-0"), enroll(state, "ops", admin=True)
+    # a deliberately heavy head makes the job run long enough to be killed mid-way
+    args = ("--public-corpus", str(small_split / "public.txt"), "--head-spec", "mlp:1024")
+    data = _package(fm)
+
+    server = start_server(state, tmp_path / "server-1.log", *args)
+    try:
+        with Connection(server.target, token) as conn:
+            receipt = conn.upload(data, "upload-1", "task-00", 0, fm.digest)
+        with Connection(server.target, admin) as conn:
+            _wait_for_state(conn, receipt.job_id, pb.JOB_STATE_RUNNING)
+    finally:
+        server.kill()  # SIGKILL: no drain, the job is half done
+
+    server = start_server(state, tmp_path / "server-2.log", *args)
+    try:
+        with Connection(server.target, token) as conn:
+            event = conn.watch_job(receipt.job_id, timeout=300)
+            again = conn.upload(data, "upload-1", "task-00", 0, fm.digest)
+            header, _ = conn.get_knowledge()
+        with Connection(server.target, admin) as conn:
+            status = conn.status()
+    finally:
+        assert server.stop() == 0
+    assert event.state == pb.JOB_STATE_DONE, event.message
+    assert again.duplicate and again.job_id == receipt.job_id  # the accepted upload was not lost or re-queued
+    assert [j.job_id for j in status.jobs] == [receipt.job_id]  # exactly one job
+    assert status.global_version == 1 and header.version == 1  # distilled exactly once
+    assert "re-queued 1 interrupted jobs" in (tmp_path / "server-2.log").read_text()
