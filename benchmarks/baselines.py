@@ -20,6 +20,7 @@ from benchmarks.ours import (
     HETERO_SPECS,
     HOMO_SPECS,
     Traffic,
+    client_rounds,
     job_seed,
     make_learners,
     task_data,
@@ -99,13 +100,8 @@ def run_zeroshot(sc: Scenario, seed: int, rec: Recorder, smcf: SMCFConfig, obod:
 def run_local(sc: Scenario, seed: int, rec: Recorder, smcf: SMCFConfig, obod: OBODConfig) -> Traffic:
     cfg = smcf.model_copy(update={"lambda_fm": 0.0})  # no FM head to assist: there is no server
     learners = make_learners(sc, HETERO_SPECS)
-    for t, task in enumerate(sc.tasks):
-        for i, client in enumerate(sc.clients):
-            data = task_data(sc, client, task)
-            if data is None:
-                continue
-            s = job_seed(seed, t, i)
-            torch.manual_seed(s)
+    for t in range(len(sc.tasks)):
+        for client, data, s in client_rounds(sc, seed, t):
             learners[client].train(data.features, data.labels, cfg, seed=s)
         rec.after_task(
             t, small={c: predictor(lr.model, lr.labels) for c, lr in learners.items() if lr.model is not None}
@@ -260,14 +256,9 @@ def run_feddf(sc: Scenario, seed: int, rec: Recorder, smcf: SMCFConfig, obod: OB
     latest: dict[str, Teacher] = {}
     head: Head | None = None
     traffic = Traffic()
-    for t, task in enumerate(sc.tasks):
+    for t in range(len(sc.tasks)):
         uploads = 0
-        for i, client in enumerate(sc.clients):
-            data = task_data(sc, client, task)
-            if data is None:
-                continue
-            s = job_seed(seed, t, i)
-            torch.manual_seed(s)
+        for client, data, s in client_rounds(sc, seed, t):
             learner = learners[client]
             learner.train(data.features, data.labels, cfg, seed=s)
             wire = encode_package(learner.package(cfg, seed=s))  # exactly what would be uploaded

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,17 @@ def task_data(sc: Scenario, client: str, task: str) -> TaskData | None:
     return data if data is not None and data.labels else None
 
 
+def client_rounds(sc: Scenario, seed: int, t: int) -> Iterator[tuple[str, TaskData, int]]:
+    """The clients with data in task t, in arrival (client) order, with their job seed (torch seeded)."""
+    for i, client in enumerate(sc.clients):
+        data = task_data(sc, client, sc.tasks[t])
+        if data is None:
+            continue
+        s = job_seed(seed, t, i)
+        torch.manual_seed(s)
+        yield client, data, s
+
+
 def make_learners(sc: Scenario, specs: list[str]) -> dict[str, Learner]:
     """One Learner per client, specs cycled by client index."""
     return {
@@ -57,13 +69,8 @@ def run_ours(
     global_head: Head | None = None
     bank = StatsBank(sc.feature_dim)
     traffic = Traffic()
-    for t, task in enumerate(sc.tasks):
-        for i, client in enumerate(sc.clients):
-            data = task_data(sc, client, task)
-            if data is None:
-                continue
-            s = job_seed(seed, t, i)
-            torch.manual_seed(s)
+    for t in range(len(sc.tasks)):
+        for client, data, s in client_rounds(sc, seed, t):
             learner = learners[client]
             learner.train(data.features, data.labels, smcf, seed=s)
             wire = encode_package(learner.package(smcf, seed=s))  # exactly what would be uploaded
