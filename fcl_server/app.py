@@ -70,7 +70,7 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         if not self.worker.stop(timeout=120):
-            log.warning("distillation job still running at shutdown; it is re-queued at the next start")
+            log.warning("distillation worker did not stop in time; its job is re-queued at the next start")
         self.state.close()
 
 

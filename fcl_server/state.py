@@ -245,6 +245,13 @@ class State:
         with self.tx() as db:
             return db.execute("UPDATE jobs SET state='queued', started=0 WHERE state='running'").rowcount
 
+    def requeue_job(self, job_id: int) -> None:
+        """Put a job that was interrupted (not failed) back at its place in the queue."""
+        with self.tx() as db:
+            db.execute(
+                "UPDATE jobs SET state='queued', started=0 WHERE job_id=? AND state='running'", (job_id,)
+            )
+
     def fail_job(self, job_id: int, message: str) -> None:
         with self.tx() as db:
             db.execute(

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from common.algorithms.obod import Head, Teacher, run_job
+from common.algorithms.obod import Cancelled, Head, Teacher, run_job
 from common.algorithms.stats import StatsBank
 from common.config import OBODConfig
 from common.package import KnowledgePackage, decode_package, decode_stats, encode_package, encode_stats
@@ -43,7 +43,7 @@ class DistillationWorker:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> bool:
-        """Finish the running job (if any) and stop; returns False if it did not stop in time."""
+        """Interrupt the running job (it is re-queued, never half-applied) and stop; False if not in time."""
         self._stop.set()
         self.notifier.notify()
         self._thread.join(timeout)
@@ -70,6 +70,10 @@ class DistillationWorker:
         log.info("job %d (client %s, %s) running", job.job_id, job.client_id, job.task_key)
         try:
             versions = self._distill(job)
+        except Cancelled:
+            log.info("job %d interrupted by shutdown; re-queued for the next start", job.job_id)
+            self.state.requeue_job(job.job_id)
+            return
         except Exception as exc:  # a bad job must not stop the worker; it is recorded as failed
             log.exception("job %d failed", job.job_id)
             self.state.fail_job(job.job_id, f"{type(exc).__name__}: {exc}")
@@ -86,7 +90,16 @@ class DistillationWorker:
         teacher = Teacher(pkg.build().to(self.device), pkg.labels)
         current = self._global_head()
         public = self.fm_host.public_features()
-        out = run_job(current, self._bank(), teacher, pkg.stats, public, self.cfg, seed=job.job_id)
+        out = run_job(
+            current,
+            self._bank(),
+            teacher,
+            pkg.stats,
+            public,
+            self.cfg,
+            seed=job.job_id,
+            cancel=self._stop.is_set,
+        )
         digest = self.fm_host.info.digest
         g_blob = self.blobs.put_bytes(encode_package(_head_package(out.global_head, digest)))
         p_blob = self.blobs.put_bytes(encode_package(_head_package(out.personal_head, digest)))

@@ -67,3 +67,34 @@ def test_job_interrupted_by_kill_is_completed_once_after_restart(
     assert [j.job_id for j in status.jobs] == [receipt.job_id]  # exactly one job
     assert status.global_version == 1 and header.version == 1  # distilled exactly once
     assert "re-queued 1 interrupted jobs" in (tmp_path / "server-2.log").read_text()
+
+
+def test_sigterm_during_a_job_requeues_it_and_the_next_start_finishes_it(
+    tmp_path: Path, fm: FoundationModel, small_split: Path
+) -> None:
+    state = tmp_path / "state"
+    token, admin = enroll(state, "client-0"), enroll(state, "ops", admin=True)
+    args = ("--public-corpus", str(small_split / "public.txt"), "--head-spec", "mlp:1024")
+    data = _package(fm)
+
+    server = start_server(state, tmp_path / "server-1.log", *args)
+    try:
+        with Connection(server.target, token) as conn:
+            receipt = conn.upload(data, "upload-1", "task-00", 0, fm.digest)
+        with Connection(server.target, admin) as conn:
+            _wait_for_state(conn, receipt.job_id, pb.JOB_STATE_RUNNING)
+    finally:
+        assert server.stop() == 0  # graceful: interrupts the job instead of finishing it
+    first_log = (tmp_path / "server-1.log").read_text()
+    assert "interrupted by shutdown; re-queued" in first_log and "done in" not in first_log
+
+    server = start_server(state, tmp_path / "server-2.log", *args)
+    try:
+        with Connection(server.target, token) as conn:
+            event = conn.watch_job(receipt.job_id, timeout=300)
+        with Connection(server.target, admin) as conn:
+            status = conn.status()
+    finally:
+        assert server.stop() == 0
+    assert event.state == pb.JOB_STATE_DONE and event.global_version == 1, event
+    assert [j.job_id for j in status.jobs] == [receipt.job_id] and status.global_version == 1

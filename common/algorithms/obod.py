@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,10 @@ class Teacher:
     labels: list[str]
 
 
+class Cancelled(Exception):
+    """The caller asked the job to stop (e.g. server shutdown); nothing it computed is to be used."""
+
+
 @dataclass
 class JobOutcome:
     global_head: Head
@@ -48,6 +53,7 @@ def run_job(
     public: torch.Tensor,
     cfg: OBODConfig,
     seed: int = 0,
+    cancel: Callable[[], bool] | None = None,
 ) -> JobOutcome:
     """One OBOD job (DESIGN §3.2 steps 1-4): merge the upload's statistics, update G, personalise P_c.
 
@@ -57,13 +63,19 @@ def run_job(
     merged.merge_bank(bank)
     if teacher_stats is not None:
         merged.merge_bank(teacher_stats)
-    new_global = distill_global(global_head, teacher, public, merged, cfg, seed=seed)
-    personal = personalise(new_global, teacher, public, merged, cfg, seed=seed)
+    new_global = distill_global(global_head, teacher, public, merged, cfg, seed=seed, cancel=cancel)
+    personal = personalise(new_global, teacher, public, merged, cfg, seed=seed, cancel=cancel)
     return JobOutcome(new_global, personal, merged)
 
 
 def distill_global(
-    head: Head | None, teacher: Teacher, public: torch.Tensor, bank: StatsBank, cfg: OBODConfig, seed: int = 0
+    head: Head | None,
+    teacher: Teacher,
+    public: torch.Tensor,
+    bank: StatsBank,
+    cfg: OBODConfig,
+    seed: int = 0,
+    cancel: Callable[[], bool] | None = None,
 ) -> Head:
     """G ← one OBOD step with `teacher`: KD on the public features, anchor on other labels, bank CE."""
     if head is None:
@@ -72,17 +84,34 @@ def distill_global(
     new = head.copy()
     new.labels += [y for y in teacher.labels if y not in set(head.labels)]
     new.model.grow(len(new.labels))
-    _fit(new, head, teacher, public, bank, bank.labels(), cfg, cfg.epochs, seed)
+    _fit(new, head, teacher, public, bank, bank.labels(), cfg, cfg.epochs, seed, cancel)
     return new
 
 
 def personalise(
-    global_head: Head, teacher: Teacher, public: torch.Tensor, bank: StatsBank, cfg: OBODConfig, seed: int = 0
+    global_head: Head,
+    teacher: Teacher,
+    public: torch.Tensor,
+    bank: StatsBank,
+    cfg: OBODConfig,
+    seed: int = 0,
+    cancel: Callable[[], bool] | None = None,
 ) -> Head:
     """P_c ← the new G, fitted further to client c's teacher (anchored to G on the other labels)."""
     personal = global_head.copy()
     if cfg.personal_epochs > 0:
-        _fit(personal, global_head, teacher, public, bank, bank.labels(), cfg, cfg.personal_epochs, seed + 1)
+        _fit(
+            personal,
+            global_head,
+            teacher,
+            public,
+            bank,
+            bank.labels(),
+            cfg,
+            cfg.personal_epochs,
+            seed + 1,
+            cancel,
+        )
     return personal
 
 
@@ -96,6 +125,7 @@ def _fit(
     cfg: OBODConfig,
     epochs: int,
     seed: int,
+    cancel: Callable[[], bool] | None = None,
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     device = next(student.model.parameters()).device
@@ -121,6 +151,8 @@ def _fit(
     steps = max(cfg.min_steps, epochs * max(1, (len(u) + cfg.batch_size - 1) // cfg.batch_size))
     order = torch.empty(0, dtype=torch.long)
     for _ in range(steps):
+        if cancel is not None and cancel():
+            raise Cancelled("distillation cancelled")
         if len(order) < cfg.batch_size:
             order = torch.cat([order, torch.randperm(len(u), generator=gen)])
         idx, order = order[: cfg.batch_size].to(device), order[cfg.batch_size :]
