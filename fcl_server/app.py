@@ -38,6 +38,7 @@ class ServerConfig(BaseModel):
     max_workers: int = Field(32, ge=1)
     obod: OBODConfig = Field(default_factory=OBODConfig)
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    uploads_per_minute: int = Field(60, ge=0, description="per client; 0 disables the limit")
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = Field(None, description="require client certificates signed by this CA")
@@ -98,7 +99,12 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
     fm = fm or FoundationModel(config.fm, device=config.device)
     corpus = read_public_corpus(config.public_corpus or default_public_corpus())
     fm_host = FMHost(fm, state, blobs, corpus, state_dir / "cache")
-    service = FclService(state, blobs, fm_host, ServerLimits(max_upload_bytes=config.max_upload_bytes))
+    service = FclService(
+        state,
+        blobs,
+        fm_host,
+        ServerLimits(max_upload_bytes=config.max_upload_bytes, uploads_per_minute=config.uploads_per_minute),
+    )
     worker = DistillationWorker(state, blobs, fm_host, config.obod, service.notifier, config.device)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers))

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     serve.add_argument("--tls-client-ca", type=Path, help="CA of client certificates: enables mutual TLS")
     serve.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
+    serve.add_argument(
+        "--uploads-per-minute", type=int, default=60, help="per-client upload rate (0: no limit)"
+    )
     serve.add_argument("--log-level", default="INFO")
 
     enroll = sub.add_parser("enroll", help="issue a bearer token for a client (or an admin) and print it")
@@ -103,6 +106,7 @@ def serve(args: argparse.Namespace) -> int:
         "tls_key": args.tls_key,
         "tls_client_ca": args.tls_client_ca,
         "insecure": args.insecure,
+        "uploads_per_minute": args.uploads_per_minute,
     }
     if args.device:
         fields["device"] = args.device

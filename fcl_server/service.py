@@ -19,6 +19,7 @@ from fcl_server.errors import (
     Unauthenticated,
 )
 from fcl_server.fm_host import FMHost, FMInfo
+from fcl_server.ratelimit import RateLimiter
 from fcl_server.state import GLOBAL, PERSONAL, HeadVersion, Job, Principal, State
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -32,6 +33,7 @@ class ServerLimits:
     max_chunk_bytes: int = 4 * 1024 * 1024
     max_labels: int = 10_000
     max_metrics: int = 256
+    uploads_per_minute: int = 60  # per client; 0 disables the limit
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class FclService:
         self.fm_host = fm_host
         self.limits = limits or ServerLimits()
         self.notifier = JobNotifier()
+        self.upload_limiter = RateLimiter(self.limits.uploads_per_minute)
         self.started = time.time()
 
     # -- auth -----------------------------------------------------------------------------------
@@ -163,6 +166,12 @@ class FclService:
             )
         existing = self.state.find_upload(client, header.upload_id)
         if existing is None:
+            wait = self.upload_limiter.try_acquire(client)  # retries of an accepted upload are free
+            if wait > 0:
+                raise ResourceExhausted(
+                    f"client {client!r} is over {self.limits.uploads_per_minute} uploads per minute; "
+                    f"retry in {wait:.0f}s"
+                )
             return None
         if existing["sha256"] != header.sha256:
             raise FailedPrecondition(f"upload id {header.upload_id!r} was already used for different content")
