@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import grpc
 
+from common import __version__
 from common.fm import file_sha256
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.stubs.fcl.v1 import fcl_pb2_grpc
@@ -74,7 +75,10 @@ class Connection:
     # -- unary calls --------------------------------------------------------------------------
     def register(self, client_id: str, fm_digest: str, model_spec_json: str = "") -> pb.RegisterResponse:
         request = pb.RegisterRequest(
-            client_id=client_id, fm_digest=fm_digest, client_version="0.1.0", model_spec_json=model_spec_json
+            client_id=client_id,
+            fm_digest=fm_digest,
+            client_version=__version__,
+            model_spec_json=model_spec_json,
         )
         return self._retry(
             "Register", lambda: self.stub.Register(request, timeout=self.timeout, metadata=self.metadata)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,8 @@ class Learner:
         """Learn one task with SMCF, then fold its statistics into the local bank."""
         assert self.bank is not None
         prev = snapshot(self.model) if self.model is not None else None
-        self.labels += [y for y in dict.fromkeys(labels) if y not in set(self.labels)]
+        known = set(self.labels)
+        self.labels += [y for y in dict.fromkeys(labels) if y not in known]
         if self.model is None:
             self.model = SmallModel(self.spec, self.feature_dim, len(self.labels))
         self.model.grow(len(self.labels))
@@ -46,7 +48,7 @@ class Learner:
         train_task(self.model, self.labels, TaskData(features, labels), self.bank, cfg, prev, assist, seed)
         self.task_bank = StatsBank(self.feature_dim)
         self.task_bank.add_features(features, labels)
-        self.task_counts = {y: labels.count(y) for y in set(labels)}
+        self.task_counts = dict(Counter(labels))
         self.bank.merge_bank(self.task_bank)
 
     def package(self, cfg: SMCFConfig, seed: int = 0) -> KnowledgePackage:

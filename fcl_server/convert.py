@@ -6,7 +6,7 @@ import time
 
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from fcl_server.fm_host import FMInfo
-from fcl_server.service import ClientView, Receipt, Registration, StatusView, UploadHeader
+from fcl_server.service import SERVER_VERSION, ClientView, Receipt, Registration, StatusView, UploadHeader
 from fcl_server.state import GLOBAL, PERSONAL, HeadVersion, Job, JobState
 
 _JOB_STATES = {
@@ -30,8 +30,6 @@ def fm_info(info: FMInfo) -> pb.FoundationModelInfo:
 
 
 def registration(reg: Registration) -> pb.RegisterResponse:
-    from fcl_server.service import SERVER_VERSION
-
     return pb.RegisterResponse(
         client_id=reg.client_id,
         foundation_model=fm_info(reg.fm),
@@ -119,8 +117,6 @@ def client_status(view: ClientView) -> pb.ClientStatus:
 
 
 def server_status(view: StatusView) -> pb.ServerStatus:
-    from fcl_server.service import SERVER_VERSION
-
     return pb.ServerStatus(
         foundation_model=fm_info(view.fm),
         global_version=view.global_version,

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import __version__
 from common.package import PackageError, PackageLimits, decode_package
 from fcl_server.blobs import BlobStore
 from fcl_server.errors import (
@@ -24,7 +25,7 @@ from fcl_server.state import GLOBAL, PERSONAL, HeadVersion, Job, Principal, Stat
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-SERVER_VERSION = "0.1.0"
+SERVER_VERSION = __version__
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,7 @@ from pathlib import Path
 from common.fm import FoundationModel, fm_digest
 from fcl_client.connection import Connection
 from fcl_client.runner import ClientConfig, ClientRunner
-from fcl_server.app import ServerConfig, create_server
-from fcl_server.state import State
+from tests.servers import inprocess_server
 
 
 def test_client_with_other_fm_downloads_the_servers(
@@ -21,15 +20,9 @@ def test_client_with_other_fm_downloads_the_servers(
     config.write_text(config.read_text() + "\n")  # same weights, different files: a different FM
     assert fm_digest(other) != fm.digest
 
-    cfg = ServerConfig(
-        state_dir=tmp_path / "state",
-        listen="127.0.0.1:0",
-        device="cpu",
-        public_corpus=small_split / "public.txt",
-    )
-    server = create_server(cfg, fm=fm)
+    server = inprocess_server(tmp_path, fm, public_corpus=small_split / "public.txt")
     try:
-        State(cfg.state_dir / "state.sqlite3").add_token("tok-1", "client-0", False)
+        server.state.add_token("tok-1", "client-0", False)
         client_cfg = ClientConfig(
             server=f"127.0.0.1:{server.port}",
             client_id="client-0",

@@ -6,24 +6,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from benchmarks.cluster import enroll, start_server
-from common.algorithms.stats import StatsBank
 from common.fm import FoundationModel
-from common.package import KnowledgePackage, encode_package
 from common.stubs.fcl.v1 import fcl_pb2 as pb
-from common.zoo import SmallModel, parse_spec
 from fcl_client.connection import Connection
-
-
-def _package(fm: FoundationModel) -> bytes:
-    torch.manual_seed(0)
-    labels = [f"label_{i}" for i in range(8)]
-    bank = StatsBank(fm.feature_dim)
-    bank.add_features(torch.randn(32, fm.feature_dim), [y for y in labels for _ in range(4)])
-    model = SmallModel(parse_spec("mlp:64"), fm.feature_dim, len(labels))
-    return encode_package(KnowledgePackage.from_model(model, labels, fm.digest, "small", [4] * 8, bank))
+from tests.servers import package_bytes
 
 
 def _wait_for_state(conn: Connection, job_id: int, state: int, timeout: float = 120) -> None:
@@ -54,7 +41,7 @@ def _interrupt_running_job(tmp_path: Path, fm: FoundationModel, small_split: Pat
     token, admin = enroll(state, "client-0"), enroll(state, "ops", admin=True)
     # a deliberately heavy head makes the job run long enough to be interrupted mid-way
     args = ("--public-corpus", str(small_split / "public.txt"), "--head-spec", "mlp:1024")
-    data = _package(fm)
+    data = package_bytes(fm, [f"label_{i}" for i in range(8)], "mlp:64")
     server = start_server(state, tmp_path / "server-1.log", *args)
     code = None
     try:

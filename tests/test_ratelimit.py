@@ -9,9 +9,8 @@ import pytest
 
 from common.fm import FoundationModel
 from fcl_client.connection import Connection
-from fcl_server.app import ServerConfig, create_server
 from fcl_server.ratelimit import RateLimiter
-from tests.test_server_rpc import package_bytes
+from tests.servers import inprocess_server, package_bytes
 
 
 class FakeClock:
@@ -34,16 +33,7 @@ def test_bucket_allows_a_burst_then_refills_over_time() -> None:
 
 
 def test_upload_over_the_rate_is_refused_and_retries_stay_free(tmp_path: Path, fm: FoundationModel) -> None:
-    corpus = tmp_path / "public.txt"
-    corpus.write_text("one sentence\nanother sentence\n")
-    cfg = ServerConfig(
-        state_dir=tmp_path / "state",
-        listen="127.0.0.1:0",
-        public_corpus=corpus,
-        device="cpu",
-        uploads_per_minute=2,
-    )
-    server = create_server(cfg, fm=fm)
+    server = inprocess_server(tmp_path, fm, uploads_per_minute=2)
     try:
         server.state.add_token("tok", "client-0", False)
         data = package_bytes(fm, ["x_label", "y_label"])

@@ -11,26 +11,20 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from common.algorithms.stats import StatsBank
 from common.fm import FoundationModel
-from common.package import KnowledgePackage, encode_package
 from common.stubs.fcl.v1 import fcl_pb2 as pb
-from common.zoo import SmallModel, parse_spec
 from fcl_client.connection import Connection
-from fcl_server.app import RunningServer, ServerConfig, create_server
+from fcl_server.app import RunningServer
 from fcl_server.cli import main as server_cli
+from tests.servers import inprocess_server, package_bytes
 
 
 @pytest.fixture
 def server(tmp_path: Path, fm: FoundationModel) -> Iterator[RunningServer]:
-    corpus = tmp_path / "public.txt"
-    corpus.write_text("\n".join(f"public sentence number {i} about topic {i % 7}" for i in range(64)))
-    cfg = ServerConfig(state_dir=tmp_path / "state", listen="127.0.0.1:0", public_corpus=corpus, device="cpu")
-    running = create_server(cfg, fm=fm)
+    running = inprocess_server(tmp_path, fm)
     yield running
     running.stop(grace=1)
 
@@ -42,16 +36,6 @@ def token(server: RunningServer, name: str, admin: bool = False) -> str:
         args = ["enroll", "--state-dir", str(server.state_dir), name] + (["--admin"] if admin else [])
         assert server_cli(args) == 0
     return out.getvalue().strip()
-
-
-def package_bytes(fm: FoundationModel, labels: list[str], spec: str = "linear") -> bytes:
-    torch.manual_seed(0)
-    model = SmallModel(parse_spec(spec), fm.feature_dim, len(labels))
-    bank = StatsBank(fm.feature_dim)
-    bank.add_features(torch.randn(4 * len(labels), fm.feature_dim), [y for y in labels for _ in range(4)])
-    return encode_package(
-        KnowledgePackage.from_model(model, labels, fm.digest, "small", [4] * len(labels), bank)
-    )
 
 
 def target(server: RunningServer) -> str:

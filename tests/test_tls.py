@@ -12,7 +12,8 @@ import pytest
 from common.fm import FoundationModel
 from common.tls import TLSConfigError, TLSFiles, is_loopback
 from fcl_client.connection import Connection
-from fcl_server.app import RunningServer, ServerConfig, create_server
+from fcl_server.app import RunningServer, ServerConfig
+from tests.servers import inprocess_server
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -63,18 +64,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _server(tmp_path: Path, fm: FoundationModel, pki: Path, mutual: bool) -> RunningServer:
-    corpus = tmp_path / "public.txt"
-    corpus.write_text("a public sentence\nanother public sentence\n")
-    cfg = ServerConfig(
-        state_dir=tmp_path / "state",
-        listen="127.0.0.1:0",
-        public_corpus=corpus,
-        device="cpu",
+    server = inprocess_server(
+        tmp_path,
+        fm,
         tls_cert=pki / "server.pem",
         tls_key=pki / "server.key",
         tls_client_ca=pki / "ca.pem" if mutual else None,
     )
-    server = create_server(cfg, fm=fm)
     server.state.add_token("tok-0", "client-0", False)
     return server
 

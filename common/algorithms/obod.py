@@ -82,7 +82,8 @@ def distill_global(
         model = SmallModel(parse_spec(cfg.head_spec), public.shape[1], len(teacher.labels))
         head = Head(model, [])
     new = head.copy()
-    new.labels += [y for y in teacher.labels if y not in set(head.labels)]
+    known = set(head.labels)
+    new.labels += [y for y in teacher.labels if y not in known]
     new.model.grow(len(new.labels))
     _fit(new, head, teacher, public, bank, bank.labels(), cfg, cfg.epochs, seed, cancel)
     return new
@@ -136,7 +137,8 @@ def _fit(
         column_index(student.labels, kept).to(device),
         column_index(anchor.labels, kept),
     )
-    proto_labels = [y for y in proto_labels if y in set(student.labels)]
+    student_labels = set(student.labels)
+    proto_labels = [y for y in proto_labels if y in student_labels]
     sampler = bank.sampler(proto_labels) if proto_labels else None
     proto_cols = column_index(student.labels, proto_labels)
 

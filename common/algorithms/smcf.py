@@ -93,7 +93,8 @@ def _assist_columns(assist: AssistHead | None, model_labels: list[str]) -> tuple
     """Columns of the labels both the small model and P_c know, in the model and in P_c."""
     if assist is None:
         return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    shared = [y for y in model_labels if y in set(assist.labels)]
+    assist_labels = set(assist.labels)
+    shared = [y for y in model_labels if y in assist_labels]
     return column_index(model_labels, shared), column_index(assist.labels, shared)
 
 
