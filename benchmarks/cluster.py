@@ -110,8 +110,6 @@ def start_client(
         target,
         "--client-id",
         client_id,
-        "--token",
-        token,
         "--stream",
         str(stream),
         "--model",
@@ -122,4 +120,6 @@ def start_client(
     ]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
+        # the token travels in the environment, not argv, where `ps` would show it
+        env = {**_env(), "FCL_TOKEN": token}
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

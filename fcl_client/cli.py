@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,25 @@ from fcl_client.checkpoint import CheckpointStore
 from fcl_client.connection import Connection, TransferError
 from fcl_client.runner import FM_PATH_FILE, ClientConfig, ClientRunner
 
+TOKEN_ENV = "FCL_TOKEN"
+
+
+class TokenError(ValueError):
+    """No usable bearer token was given."""
+
+
+def resolve_token(flag: str | None, file: Path | None, env: str | None) -> str:
+    """The bearer token from exactly one of --token, --token-file or $FCL_TOKEN."""
+    given = [v for v in (flag, file, env) if v]
+    if len(given) != 1:
+        raise TokenError(
+            f"give the bearer token exactly one way (--token, --token-file or ${TOKEN_ENV}); got {len(given)}"
+        )
+    token = (file.read_text() if file else str(given[0])).strip()
+    if not token:
+        raise TokenError(f"the bearer token is empty{f' (file {file})' if file else ''}")
+    return token
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -30,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="learn the task stream: train, upload, receive the personalised FM head")
     run.add_argument("--server", required=True, help="HOST:PORT of fcl-server")
     run.add_argument("--client-id", required=True)
-    run.add_argument("--token", required=True, help="bearer token from `fcl-server enroll`")
+    run.add_argument(
+        "--token",
+        help="bearer token from `fcl-server enroll`; prefer --token-file or $FCL_TOKEN "
+        "(a command line is visible to every user of the node)",
+    )
+    run.add_argument("--token-file", type=Path, help="file holding the bearer token")
     run.add_argument("--stream", type=Path, required=True, help="task stream directory (one subdir per task)")
     run.add_argument(
         "--model", default="mlp:256", help="small-model spec: linear | mlp:W[,W...][:act][:ln] | JSON"
@@ -81,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         FoundationModelError,
         TransferError,
         TLSConfigError,
+        TokenError,
         OSError,
     ) as exc:
         print(f"fcl-client: error: {exc}", file=sys.stderr)
@@ -107,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     fields = {
         "server": args.server,
         "client_id": args.client_id,
-        "token": args.token,
+        "token": resolve_token(args.token, args.token_file, os.environ.get(TOKEN_ENV)),
         "stream": args.stream,
         "model": args.model,
         "work_dir": args.work_dir,

@@ -70,12 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+TOKEN_PREFIX = "fcl_"
+
+
+def new_token() -> str:
+    """A fresh bearer token; the prefix keeps it from starting with '-', which argparse reads as a flag."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
 def enroll(state_dir: Path, client_id: str, admin: bool) -> int:
     from fcl_server.service import ID_RE
 
     if not ID_RE.match(client_id):
         raise ValueError(f"client id {client_id!r} must be 1-128 letters, digits, '_', '.' or '-'")
-    token = secrets.token_urlsafe(32)
+    token = new_token()
     state = open_state(state_dir)
     state.add_token(token, client_id, admin)
     state.close()
