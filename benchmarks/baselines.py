@@ -144,7 +144,7 @@ def run_fedavg(sc: Scenario, seed: int, rec: Recorder, cfg: SMCFConfig) -> Traff
     """
     spec = parse_spec(HOMO_SPECS[0])
     use_prev = cfg.lambda_old > 0
-    banks = {c: StatsBank(sc.feature_dim) for c in sc.clients}
+    banks = {c: StatsBank(sc.feature_dim, cfg.stats_rank) for c in sc.clients}
     model: SmallModel | None = None
     labels: list[str] = []
     joined: list[str] = []

@@ -23,6 +23,12 @@ class SMCFConfig(BaseModel):
     replay: bool = Field(True, description="replay pseudo-features of old labels from the statistics bank")
     share_stats: bool = Field(True, description="include class statistics in uploads")
     stats_noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to shared statistics")
+    stats_rank: int = Field(
+        8,
+        ge=0,
+        le=64,
+        description="principal directions of each label's feature covariance kept",
+    )
 
 
 class OBODConfig(BaseModel):

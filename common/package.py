@@ -1,6 +1,6 @@
 """Knowledge packages: a model spec, its weights, label names and class statistics in one safetensors file.
 
-The file holds tensors `model.*` (weights) and optionally `stats.count/mean/std`, and string metadata
+The file holds tensors `model.*` (weights) and optionally `stats.count/mean/std[/basis]`, and string metadata
 (`format`, `kind`, `spec`, `labels`, `counts`, `fm_digest`, `feature_dim`). Never pickle: a package is
 data, and `decode_package` validates every field against the model zoo before anything uses it.
 """
@@ -17,13 +17,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from common.algorithms.stats import StatsBank
+from common.algorithms.stats import MAX_RANK, StatsBank, StatsTensors
 from common.zoo import ModelSpec, SmallModel, SpecError, expected_shapes
 
 FORMAT = "fcl-knowledge/1"
 KINDS = ("small", "head")
 LABEL_RE = re.compile(r"[\w.\-:/ ]{1,128}", re.UNICODE)
-STATS_TENSORS = ("stats.count", "stats.mean", "stats.std")
+STATS_TENSORS = ("stats.count", "stats.mean", "stats.std", "stats.basis")
 
 
 class PackageError(ValueError):
@@ -74,9 +74,9 @@ class KnowledgePackage:
 def encode_package(pkg: KnowledgePackage) -> bytes:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in pkg.weights.items()}
     if pkg.stats is not None and pkg.stats.stats:
-        labels, counts, means, stds = pkg.stats.to_tensors()
-        tensors.update({"stats.count": counts, "stats.mean": means, "stats.std": stds})
-        stats_labels = labels
+        stacked = pkg.stats.to_tensors()
+        tensors.update(_stats_tensors(stacked))
+        stats_labels = stacked.labels
     else:
         stats_labels = []
     metadata = {
@@ -217,23 +217,36 @@ def _parse_stats(
     n = len(stats_labels)
     if counts is None or means is None or stds is None:
         raise PackageError("statistics need stats.count, stats.mean and stats.std")
+    bases = tensors.get("stats.basis", torch.empty(n, 0, dim))
     if counts.shape != (n,) or means.shape != (n, dim) or stds.shape != (n, dim):
         raise PackageError(f"statistics shapes do not match {n} labels of dimension {dim}")
-    if not all(torch.isfinite(t).all() for t in (counts, means, stds)) or (counts <= 0).any():
+    if bases.ndim != 3 or bases.shape[0] != n or bases.shape[2] != dim or bases.shape[1] > MAX_RANK:
+        raise PackageError(
+            f"stats.basis has shape {tuple(bases.shape)}; it must be ({n}, k, {dim}) with k <= {MAX_RANK}"
+        )
+    if not all(torch.isfinite(t).all() for t in (counts, means, stds, bases)) or (counts <= 0).any():
         raise PackageError("statistics contain NaN/Inf or non-positive counts")
-    return StatsBank.from_tensors(stats_labels, counts.float(), means.float(), stds.float().abs())
+    return StatsBank.from_tensors(
+        StatsTensors(stats_labels, counts.float(), means.float(), stds.float().abs(), bases.float())
+    )
+
+
+def _stats_tensors(t: StatsTensors) -> dict[str, torch.Tensor]:
+    tensors = {"stats.count": t.counts, "stats.mean": t.means, "stats.std": t.stds}
+    if t.bases.shape[1]:
+        tensors["stats.basis"] = t.bases.contiguous()
+    return tensors
 
 
 def encode_stats(bank: StatsBank) -> bytes:
     """A statistics bank alone (the server's bank across clients) as safetensors."""
-    labels, counts, means, stds = bank.to_tensors()
-    tensors = {"stats.count": counts, "stats.mean": means, "stats.std": stds}
+    stacked = bank.to_tensors()
     return st_save(
-        tensors,
+        _stats_tensors(stacked),
         metadata={
             "format": FORMAT,
             "kind": "stats",
-            "labels": json.dumps(labels),
+            "labels": json.dumps(stacked.labels),
             "feature_dim": str(bank.dim),
         },
     )
@@ -241,8 +254,10 @@ def encode_stats(bank: StatsBank) -> bytes:
 
 def decode_stats(data: bytes) -> StatsBank:
     tensors, metadata = st_load(data), _read_metadata(data)
+    labels, dim = json.loads(metadata["labels"]), int(metadata["feature_dim"])
+    bases = tensors.get("stats.basis", torch.empty(len(labels), 0, dim))
     bank = StatsBank.from_tensors(
-        json.loads(metadata["labels"]), tensors["stats.count"], tensors["stats.mean"], tensors["stats.std"]
+        StatsTensors(labels, tensors["stats.count"], tensors["stats.mean"], tensors["stats.std"], bases)
     )
-    bank.dim = int(metadata["feature_dim"])
+    bank.dim = dim
     return bank

@@ -46,7 +46,7 @@ class Learner:
         self.model.grow(len(self.labels))
         assist = AssistHead(self.personal.model, self.personal.labels) if self.personal else None
         train_task(self.model, self.labels, TaskData(features, labels), self.bank, cfg, prev, assist, seed)
-        self.task_bank = StatsBank(self.feature_dim)
+        self.task_bank = StatsBank(self.feature_dim, cfg.stats_rank)
         self.task_bank.add_features(features, labels)
         self.task_counts = dict(Counter(labels))
         self.bank.merge_bank(self.task_bank)

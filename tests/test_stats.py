@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from common.algorithms.stats import MIN_STD, LabelStats, StatsBank
+from common.algorithms.stats import MIN_STD, LabelStats, StatsBank, StatsTensors, residual_std
 from common.package import decode_stats, encode_stats
 
 DIM = 16
@@ -169,22 +169,25 @@ def test_noised_scales_with_sigma() -> None:
 
 def test_to_from_tensors_round_trip_sorted() -> None:
     feats, names = clusters(["zeta", "alpha", "mid"], [5, 9, 7], seed=11)
-    bank = StatsBank(DIM)
+    bank = StatsBank(DIM, rank=3)
     bank.add_features(feats, names)
-    labels, counts, means, stds = bank.to_tensors()
-    assert labels == ["alpha", "mid", "zeta"]
-    assert counts.tolist() == [9.0, 7.0, 5.0]
-    assert means.shape == stds.shape == (3, DIM)
-    back = StatsBank.from_tensors(labels, counts, means, stds)
+    t = bank.to_tensors()
+    assert t.labels == ["alpha", "mid", "zeta"]
+    assert t.counts.tolist() == [9.0, 7.0, 5.0]
+    assert t.means.shape == t.stds.shape == (3, DIM)
+    assert t.bases.shape == (3, 3, DIM)
+    back = StatsBank.from_tensors(t)
     assert back.dim == DIM
-    for y in labels:
+    for y in t.labels:
         assert back.stats[y].count == bank.stats[y].count
         assert torch.equal(back.stats[y].mean, bank.stats[y].mean)
+        assert torch.equal(back.stats[y].basis_or_empty(), bank.stats[y].basis_or_empty())
 
 
-def test_encode_decode_stats_round_trip() -> None:
+@pytest.mark.parametrize("rank", [0, 4])
+def test_encode_decode_stats_round_trip(rank: int) -> None:
     feats, names = clusters(["card_arrival", "pin.reset", "balance"], [12, 30, 4], seed=12)
-    bank = StatsBank(DIM)
+    bank = StatsBank(DIM, rank)
     bank.add_features(feats, names)
     out = decode_stats(encode_stats(bank))
     assert out.dim == DIM
@@ -194,6 +197,7 @@ def test_encode_decode_stats_round_trip() -> None:
         assert isinstance(out.stats[y].count, int)
         assert torch.equal(out.stats[y].mean, bank.stats[y].mean)
         assert torch.equal(out.stats[y].std, bank.stats[y].std)
+        assert torch.equal(out.stats[y].basis_or_empty(), bank.stats[y].basis_or_empty())
     # a second round trip changes nothing (bytes may differ: safetensors orders metadata keys freely)
     again = decode_stats(encode_stats(out))
     assert again.labels() == bank.labels()
@@ -223,3 +227,59 @@ def test_vectorised_sampler_matches_label_gaussians() -> None:
         torch.testing.assert_close(drawn.std(0), expected_std, rtol=0.1, atol=1e-5)
     again = sampler.draw(which, torch.Generator().manual_seed(14))
     assert torch.equal(out, again)
+
+
+def correlated(n: int, seed: int, dim: int = DIM, rank: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a Gaussian whose covariance is mostly `rank` strong directions, and that covariance."""
+    gen = torch.Generator().manual_seed(seed)
+    factors = torch.randn(rank, dim, generator=gen) * 2
+    noise = 0.1
+    rows = torch.randn(n, rank, generator=gen) @ factors + noise * torch.randn(n, dim, generator=gen) + 5
+    cov = factors.T @ factors + noise**2 * torch.eye(dim)
+    return rows, cov
+
+
+def test_low_rank_basis_captures_the_covariance_the_diagonal_misses() -> None:
+    rows, cov = correlated(4000, seed=20)
+    bank = StatsBank(DIM, rank=2)
+    bank.add_features(rows, ["x"] * len(rows))
+    st = bank.stats["x"]
+    assert st.basis is not None and st.basis.shape == (2, DIM)
+    model = st.basis.T @ st.basis + torch.diag(residual_std(st.std[None], st.basis[None])[0] ** 2)
+    assert (model - cov).abs().max() < 0.15 * cov.abs().max()
+    drawn = bank.sampler(["x"]).draw(torch.zeros(20_000, dtype=torch.long), torch.Generator().manual_seed(1))
+    assert (torch.cov(drawn.T) - cov).abs().max() < 0.15 * cov.abs().max()
+    # the diagonal model alone loses the off-diagonal structure entirely
+    diag = StatsBank(DIM)
+    diag.add_features(rows, ["x"] * len(rows))
+    flat = diag.sampler(["x"]).draw(torch.zeros(20_000, dtype=torch.long), torch.Generator().manual_seed(1))
+    off = ~torch.eye(DIM, dtype=torch.bool)
+    assert (torch.cov(flat.T) - cov)[off].abs().max() > 0.5 * cov[off].abs().max()
+
+
+def test_merged_low_rank_stats_match_stats_of_the_pooled_rows() -> None:
+    rows, _ = correlated(3000, seed=21)
+    shifted, _ = correlated(1000, seed=21)
+    shifted = shifted + 0.5  # the same label seen again, a little elsewhere
+    merged = StatsBank(DIM, rank=3)
+    merged.add_features(rows, ["x"] * len(rows))
+    merged.add_features(shifted, ["x"] * len(shifted))
+    pooled = StatsBank(DIM, rank=3)
+    pooled.add_features(torch.cat([rows, shifted]), ["x"] * 4000)
+    a, b = merged.stats["x"], pooled.stats["x"]
+    assert a.count == b.count == 4000
+    torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=1e-4)
+    torch.testing.assert_close(a.std, b.std, rtol=0, atol=1e-4)
+    assert a.basis is not None and b.basis is not None
+    torch.testing.assert_close(a.basis.T @ a.basis, b.basis.T @ b.basis, rtol=0, atol=0.05)
+
+
+def test_stats_tensors_pad_bases_of_different_ranks() -> None:
+    bank = StatsBank(DIM)
+    bank.merge("full", LabelStats(5, torch.zeros(DIM), torch.ones(DIM), torch.ones(3, DIM) * 0.1))
+    bank.merge("flat", LabelStats(5, torch.zeros(DIM), torch.ones(DIM)))
+    t = bank.to_tensors()
+    assert t.labels == ["flat", "full"] and t.bases.shape == (2, 3, DIM)
+    assert torch.equal(t.bases[0], torch.zeros(3, DIM))
+    assert isinstance(StatsBank.from_tensors(t), StatsBank)
+    assert StatsTensors is type(t)
