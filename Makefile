@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow lint proto proto-check demo clean
+.PHONY: install browser test test-slow lint proto proto-check demo clean
 
 install: $(STAMP)
 
@@ -18,7 +18,16 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-test: install lint
+# The dashboard/report browser tests drive Debian's headless chromium; install it where we can
+# (root + apt). Where it cannot be installed those two tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1)) ; } || \
+	  echo "chromium not installed: browser tests will be skipped"
+
+test: install lint browser
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: install

@@ -112,12 +112,17 @@ def run_local(sc: Scenario, seed: int, rec: Recorder, smcf: SMCFConfig, obod: OB
 # -- FedAvg of identical heads: plain fine-tuning, LwF, or SMCF ------------------------------------
 
 
+LWF_WEIGHT = 1.0
+
+
 def fedavg_config(mode: str, smcf: SMCFConfig) -> SMCFConfig:
     """The local training of each FedAvg variant (never FM assistance: FedAvg has no FM head)."""
     if mode == "ft":
         return smcf.model_copy(update={"replay": False, "lambda_old": 0.0, "lambda_fm": 0.0})
     if mode == "lwf":
-        return smcf.model_copy(update={"replay": False, "lambda_fm": 0.0})
+        # LwF is the whole method here, so it keeps DESIGN's weight even where SMCF's default is 0
+        lambda_old = smcf.lambda_old or LWF_WEIGHT
+        return smcf.model_copy(update={"replay": False, "lambda_old": lambda_old, "lambda_fm": 0.0})
     if mode == "smcf":
         return smcf.model_copy(update={"lambda_fm": 0.0})
     raise ValueError(f"unknown FedAvg mode {mode!r}")

@@ -79,7 +79,7 @@ def run_ours(
                 global_head, bank, Teacher(pkg.build(), pkg.labels), pkg.stats, sc.public, obod, seed=s
             )
             global_head, bank = out.global_head, out.bank
-            learner.personal = out.personal_head
+            learner.absorb_personal(out.personal_head, t + 1, smcf, seed=s)
             head_wire = encode_package(
                 KnowledgePackage.from_model(out.personal_head.model, out.personal_head.labels, DIGEST, "head")
             )
@@ -104,9 +104,9 @@ def ours_variant(name: str, smcf: SMCFConfig) -> tuple[SMCFConfig, list[str]]:
     if name == "ours-noproto":
         smcf = smcf.model_copy(update={"share_stats": False})
     elif name == "ours-noassist":
-        smcf = smcf.model_copy(update={"lambda_fm": 0.0})
+        smcf = smcf.model_copy(update={"lambda_fm": 0.0, "consolidate_steps": 0})
     elif name == "ours-nosmcf":
-        smcf = smcf.model_copy(update={"replay": False, "lambda_old": 0.0})
+        smcf = smcf.model_copy(update={"replay": False, "lambda_old": 0.0, "consolidate_steps": 0})
     elif name == "ours-homo":
         specs = HOMO_SPECS
     elif name != "ours":

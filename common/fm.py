@@ -6,7 +6,7 @@ import hashlib
 import logging
 import os
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -119,8 +119,13 @@ class FoundationModel:
         return self._digest
 
     @torch.inference_mode()
-    def encode(self, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
-        """Features of `texts` (N, D) on the CPU, in input order; sorted by length to pad less."""
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 128, progress: Callable[[int, int], None] | None = None
+    ) -> torch.Tensor:
+        """Features of `texts` (N, D) on the CPU, in input order; sorted by length to pad less.
+
+        `progress` is told (texts encoded, texts) after each batch.
+        """
         if not texts:
             return torch.empty(0, self.feature_dim)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -138,6 +143,8 @@ class FoundationModel:
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
             out[idx] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu()
+            if progress is not None:
+                progress(start + len(idx), len(texts))
         return out
 
 
@@ -159,7 +166,12 @@ def texts_digest(texts: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def cached_features(fm: FoundationModel, texts: Sequence[str], cache_dir: Path) -> torch.Tensor:
+def cached_features(
+    fm: FoundationModel,
+    texts: Sequence[str],
+    cache_dir: Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
     """Features of `texts`, computed once per (FM digest, texts digest) and kept on disk."""
     from safetensors.torch import load_file, save_file
 
@@ -168,7 +180,7 @@ def cached_features(fm: FoundationModel, texts: Sequence[str], cache_dir: Path) 
     if path.exists():
         return load_file(str(path))["features"]
     log.info("encoding %d texts with %s (cached at %s)", len(texts), fm.name, path)
-    features = fm.encode(texts)
+    features = fm.encode(texts, progress=progress)
     tmp = path.with_suffix(".tmp")
     save_file({"features": features.contiguous()}, str(tmp))
     os.replace(tmp, path)

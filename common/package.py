@@ -22,7 +22,9 @@ from common.zoo import ModelSpec, SmallModel, SpecError, expected_shapes
 
 FORMAT = "fcl-knowledge/1"
 KINDS = ("small", "head")
-LABEL_RE = re.compile(r"[\w.\-:/ ]{1,128}", re.UNICODE)
+# a label starts with a letter or digit: no blank, '.', '/' or '-'-led names
+LABEL_RE = re.compile(r"\w[\w.\-:/ ]{0,127}", re.UNICODE)
+MAX_STATS_COUNT = 10**9  # more examples than any client has: one upload must not outweigh the whole bank
 STATS_TENSORS = ("stats.count", "stats.mean", "stats.std", "stats.basis")
 
 
@@ -153,7 +155,8 @@ def _parse_labels(text: str, limits: PackageLimits) -> list[str]:
     for label in labels:
         if not isinstance(label, str) or not LABEL_RE.fullmatch(label):
             raise PackageError(
-                f"label {str(label)[:40]!r} is invalid: use 1-128 letters, digits, spaces or . - _ : /"
+                f"label {str(label)[:40]!r} is invalid: use 1-128 letters, digits, spaces or . - _ : /, "
+                "starting with a letter or digit"
             )
     if len(set(labels)) != len(labels):
         raise PackageError("package labels contain duplicates")
@@ -226,6 +229,11 @@ def _parse_stats(
         )
     if not all(torch.isfinite(t).all() for t in (counts, means, stds, bases)) or (counts <= 0).any():
         raise PackageError("statistics contain NaN/Inf or non-positive counts")
+    # a count of 0.5 becomes 0 in the bank, and merging two zero counts divides by zero: a NaN bank
+    if (counts != counts.round()).any():
+        raise PackageError("statistics counts must be whole numbers of examples")
+    if (counts > MAX_STATS_COUNT).any():
+        raise PackageError(f"statistics counts must be at most {MAX_STATS_COUNT}")
     return StatsBank.from_tensors(
         StatsTensors(stats_labels, counts.float(), means.float(), stds.float().abs(), bases.float())
     )

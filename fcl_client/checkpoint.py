@@ -31,6 +31,8 @@ class Progress:
     job_id: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    job_state: str = ""  # JobState name the task's job ended in (once its head was awaited)
+    global_version: int = 0  # global head version that job produced (0: none)
     snapshot: int = 0  # number of the snapshot directory holding the learner
     failed_jobs: list[int] = field(default_factory=list)
 
@@ -40,6 +42,7 @@ class CheckpointStore:
         self.root = work_dir / "checkpoints"
         self.root.mkdir(parents=True, exist_ok=True)
         self.progress_path = work_dir / "progress.json"
+        self.uploads = work_dir / "uploads"
 
     def load(self) -> tuple[Progress, Learner | None]:
         if not self.progress_path.exists():
@@ -62,3 +65,23 @@ class CheckpointStore:
         for old in self.root.iterdir():  # keep only the snapshot progress points at
             if old.name != snap.name:
                 shutil.rmtree(old, ignore_errors=True)
+
+    # -- the package of the task being uploaded ----------------------------------------------------
+    # Encoding is not byte-stable (safetensors orders its metadata arbitrarily), so the bytes are kept
+    # from training until the upload is accepted: a restarted client re-sends exactly them, under the
+    # same upload id, and resumes from the bytes the server already holds.
+    def save_upload(self, upload_id: str, data: bytes) -> None:
+        self.uploads.mkdir(parents=True, exist_ok=True)
+        tmp = self.uploads / f"{upload_id}.tmp"
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.uploads / f"{upload_id}.safetensors")
+
+    def load_upload(self, upload_id: str) -> bytes | None:
+        path = self.uploads / f"{upload_id}.safetensors"
+        return path.read_bytes() if path.exists() else None
+
+    def drop_upload(self, upload_id: str) -> None:
+        (self.uploads / f"{upload_id}.safetensors").unlink(missing_ok=True)

@@ -4,41 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
 import grpc
 from pydantic import ValidationError
 
-from common.config import SMCFConfig
 from common.datasets.records import DataFormatError
-from common.fm import FoundationModel, FoundationModelError
+from common.fm import FoundationModelError
+from common.logs import setup_logging
+from common.settings import SettingsError, add_flags, given_flags, load_settings
 from common.tls import TLSConfigError
 from common.zoo import SpecError
-from fcl_client.checkpoint import CheckpointStore
 from fcl_client.connection import Connection, TransferError
-from fcl_client.runner import FM_PATH_FILE, ClientConfig, ClientRunner
+from fcl_client.progress import Bars
+from fcl_client.runner import ClientRunner, load_trained
+from fcl_client.settings import RunSettings, TokenError, resolve_token
 
-TOKEN_ENV = "FCL_TOKEN"
-
-
-class TokenError(ValueError):
-    """No usable bearer token was given."""
-
-
-def resolve_token(flag: str | None, file: Path | None, env: str | None) -> str:
-    """The bearer token from exactly one of --token, --token-file or $FCL_TOKEN."""
-    given = [v for v in (flag, file, env) if v]
-    if len(given) != 1:
-        raise TokenError(
-            f"give the bearer token exactly one way (--token, --token-file or ${TOKEN_ENV}); got {len(given)}"
-        )
-    token = (file.read_text() if file else str(given[0])).strip()
-    if not token:
-        raise TokenError(f"the bearer token is empty{f' (file {file})' if file else ''}")
-    return token
+TOKEN_ENV = "FCL_TOKEN"  # the `token` option's environment variable
+__all__ = ["TOKEN_ENV", "TokenError", "build_parser", "main", "resolve_token"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,40 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="learn the task stream: train, upload, receive the personalised FM head")
-    run.add_argument("--server", required=True, help="HOST:PORT of fcl-server")
-    run.add_argument("--client-id", required=True)
-    run.add_argument(
-        "--token",
-        help="bearer token from `fcl-server enroll`; prefer --token-file or $FCL_TOKEN "
-        "(a command line is visible to every user of the node)",
+    run = sub.add_parser(
+        "run",
+        help="learn the task stream: train, upload, receive the personalised FM head",
+        description="Every option can also come from FCL_<OPTION> (e.g. FCL_SERVER, FCL_TOKEN) or from "
+        "the TOML file given by --config (keys are the long flag names with '-' -> '_'). Precedence: "
+        "flags > environment > file > defaults.",
     )
-    run.add_argument("--token-file", type=Path, help="file holding the bearer token")
-    run.add_argument("--stream", type=Path, required=True, help="task stream directory (one subdir per task)")
-    run.add_argument(
-        "--model", default="mlp:256", help="small-model spec: linear | mlp:W[,W...][:act][:ln] | JSON"
-    )
-    run.add_argument("--work-dir", type=Path, required=True, help="checkpoints, caches and metrics")
-    run.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    run.add_argument(
-        "--fm",
-        help="local FM (name or directory) to use when it is the server's; "
-        "otherwise the server's FM is downloaded",
-    )
-    run.add_argument("--epochs", type=int, help="SMCF epochs per task (default 20)")
-    run.add_argument(
-        "--share-stats",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="upload per-label feature mean/std with the model (default: on)",
-    )
-    run.add_argument("--stats-noise", type=float, help="Gaussian noise std added to shared statistics")
-    run.add_argument("--tls-ca", type=Path, help="CA that signed the server certificate: enables TLS")
-    run.add_argument("--tls-cert", type=Path, help="client certificate chain for mutual TLS (PEM)")
-    run.add_argument("--tls-key", type=Path, help="client private key for mutual TLS (PEM)")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds")
-    run.add_argument("--log-level", default="WARNING")
+    run.add_argument("--config", type=Path, help="TOML file of options (see deploy/client.example.toml)")
+    add_flags(run, RunSettings)
 
     predict = sub.add_parser("predict", help="top labels with probabilities for some text")
     predict.add_argument("--work-dir", type=Path, required=True)
@@ -107,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         TransferError,
         TLSConfigError,
         TokenError,
+        SettingsError,
         OSError,
     ) as exc:
         print(f"fcl-client: error: {exc}", file=sys.stderr)
@@ -116,47 +76,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    smcf = SMCFConfig(
-        **{
-            k: v
-            for k, v in {
-                "epochs": args.epochs,
-                "stats_noise": args.stats_noise,
-                "share_stats": args.share_stats,
-            }.items()
-            if v is not None
-        }
-    )
-    fields = {
-        "server": args.server,
-        "client_id": args.client_id,
-        "token": resolve_token(args.token, args.token_file, os.environ.get(TOKEN_ENV)),
-        "stream": args.stream,
-        "model": args.model,
-        "work_dir": args.work_dir,
-        "smcf": smcf,
-        "seed": args.seed,
-        "timeout": args.timeout,
-    }
-    fields.update(
-        {
-            k: v
-            for k, v in {
-                "device": args.device,
-                "fm": args.fm,
-                "tls_ca": args.tls_ca,
-                "tls_cert": args.tls_cert,
-                "tls_key": args.tls_key,
-            }.items()
-            if v
-        }
-    )
-    cfg = ClientConfig(**fields)
+    settings = load_settings(RunSettings, given_flags(args, RunSettings), args.config)
+    setup_logging(settings.log_level, settings.log_format)
+    cfg = settings.client_config()
+    bars = Bars.for_terminal(settings.progress)
     with Connection(cfg.server, cfg.token, timeout=cfg.timeout, tls=cfg.tls()) as conn:
-        summary = ClientRunner(cfg, conn, say=lambda line: print(line, flush=True)).run()
+        summary = ClientRunner(cfg, conn, say=lambda line: print(line, flush=True), bars=bars).run()
     print(f"[{cfg.client_id}] finished {summary.tasks_done} tasks", flush=True)
     if summary.failed_jobs:
         print(f"fcl-client: distillation failed for jobs {summary.failed_jobs}", file=sys.stderr)
@@ -165,11 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    fm_file = args.work_dir / FM_PATH_FILE
-    _, learner = CheckpointStore(args.work_dir).load()
-    if learner is None or not fm_file.exists():
-        raise RuntimeError(f"{args.work_dir} holds no trained client; run `fcl-client run` first")
-    fm = FoundationModel(fm_file.read_text().strip(), device="cpu")
+    fm, learner = load_trained(args.work_dir)
     results = learner.predict(fm.encode(args.texts), top=args.top, head=args.head)
     if args.json:
         print(

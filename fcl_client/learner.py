@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from common.algorithms.obod import Head
-from common.algorithms.smcf import AssistHead, TaskData, snapshot, train_task
+from common.algorithms.smcf import AssistHead, TaskData, consolidate, snapshot, train_task
 from common.algorithms.stats import StatsBank
 from common.config import SMCFConfig
 from common.metrics import head_accuracy
@@ -35,7 +36,14 @@ class Learner:
     def __post_init__(self) -> None:
         self.bank = self.bank or StatsBank(self.feature_dim)
 
-    def train(self, features: torch.Tensor, labels: list[str], cfg: SMCFConfig, seed: int = 0) -> None:
+    def train(
+        self,
+        features: torch.Tensor,
+        labels: list[str],
+        cfg: SMCFConfig,
+        seed: int = 0,
+        on_epoch: Callable[[int, int], None] | None = None,
+    ) -> None:
         """Learn one task with SMCF, then fold its statistics into the local bank."""
         assert self.bank is not None
         prev = snapshot(self.model) if self.model is not None else None
@@ -45,7 +53,9 @@ class Learner:
             self.model = SmallModel(self.spec, self.feature_dim, len(self.labels))
         self.model.grow(len(self.labels))
         assist = AssistHead(self.personal.model, self.personal.labels) if self.personal else None
-        train_task(self.model, self.labels, TaskData(features, labels), self.bank, cfg, prev, assist, seed)
+        train_task(
+            self.model, self.labels, TaskData(features, labels), self.bank, cfg, prev, assist, seed, on_epoch
+        )
         self.task_bank = StatsBank(self.feature_dim, cfg.stats_rank)
         self.task_bank.add_features(features, labels)
         self.task_counts = dict(Counter(labels))
@@ -67,6 +77,12 @@ class Learner:
         pkg = decode_package(data)
         self.personal = Head(pkg.build(), pkg.labels)
         self.personal_version = version
+
+    def absorb_personal(self, head: Head, version: int, cfg: SMCFConfig, seed: int = 0) -> None:
+        """Install a newly received P_c and (with cfg.consolidate_steps) pull the small model towards it."""
+        self.personal, self.personal_version = head, version
+        if self.model is not None and self.bank is not None:
+            consolidate(self.model, self.labels, self.bank, AssistHead(head.model, head.labels), cfg, seed)
 
     # -- evaluation and prediction ---------------------------------------------------------------
     def small_accuracy(self, features: torch.Tensor, labels: list[str]) -> float:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.algorithms.obod import Head
 from common.config import SMCFConfig
 from common.datasets.streams import Task, load_task_stream
 from common.fm import (
@@ -22,13 +23,14 @@ from common.fm import (
     default_device,
     extract_fm_archive,
 )
-from common.package import encode_package
+from common.package import decode_package, encode_package
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.tls import TLSFiles
 from common.zoo import parse_spec
 from fcl_client.checkpoint import CheckpointStore, Progress, Step
 from fcl_client.connection import Connection
 from fcl_client.learner import Learner
+from fcl_client.progress import Bars
 
 log = logging.getLogger(__name__)
 FM_PATH_FILE = "fm_path"
@@ -40,7 +42,7 @@ class ClientConfig(BaseModel):
     server: str
     client_id: str
     token: str
-    stream: Path
+    stream: Path | None = None  # the CLI's task-stream directory; the SDK hands tasks over one by one
     model: str = "mlp:256"
     work_dir: Path
     device: str = Field(default_factory=default_device)
@@ -64,45 +66,89 @@ class RunSummary:
 
 
 class ClientRunner:
-    def __init__(self, cfg: ClientConfig, conn: Connection, say: Callable[[str], None] = print) -> None:
+    """One client's work: `run` learns a task-stream directory (the CLI); the SDK calls `prepare` and
+    `run_task` itself. Both go through `run_task`, so a task is learned the same way either way."""
+
+    def __init__(
+        self,
+        cfg: ClientConfig,
+        conn: Connection,
+        say: Callable[[str], None] = print,
+        bars: Bars | None = None,
+        local_fm: FoundationModel | None = None,
+    ) -> None:
         self.cfg = cfg
         self.conn = conn
         self.say = say
+        self.bars = bars or Bars(enabled=False)
         self.spec = parse_spec(cfg.model)
         self.store = CheckpointStore(cfg.work_dir)
         self.metrics_path = cfg.work_dir / "metrics.json"
+        self.local_fm = local_fm  # an FM already loaded by the caller: used when it is the server's
+        self.registration: pb.RegisterResponse | None = None
+        self.progress = Progress()
+        self._ready: tuple[FoundationModel, Learner] | None = None
 
     def run(self) -> RunSummary:
+        """Learn every task of the stream directory, continuing from the checkpoint."""
+        if self.cfg.stream is None:
+            raise ValueError("no task stream directory configured (stream)")
         stream = load_task_stream(self.cfg.stream)
-        fm = self.resolve_fm()
-        progress, learner = self.store.load()
-        learner = learner or Learner(self.spec, fm.feature_dim, fm.digest)
-        if learner.fm_digest != fm.digest:
-            raise FoundationModelError(
-                f"the checkpoint in {self.cfg.work_dir} was trained on another FM "
-                f"({learner.fm_digest[:12]}) than "
-                f"the server's ({fm.digest[:12]}); use a new --work-dir"
-            )
-        for index, task in enumerate(stream):
-            if index < progress.task_index:
-                continue
-            if progress.task_index != index or progress.task_name != task.name:
-                progress = Progress(
-                    task_index=index,
-                    task_name=task.name,
-                    snapshot=progress.snapshot,
-                    failed_jobs=progress.failed_jobs,
+        self.prepare()
+        for index in range(self.progress.task_index, len(stream)):
+            self.run_task(stream, index, total=len(stream))
+        return RunSummary(len(stream), self.progress.failed_jobs, self.load_records())
+
+    def prepare(self) -> tuple[FoundationModel, Learner]:
+        """Register, settle the FM (the server's, downloaded if need be) and load the checkpoint; once."""
+        if self._ready is None:
+            fm = self.resolve_fm()
+            progress, learner = self.store.load()
+            learner = learner or Learner(self.spec, fm.feature_dim, fm.digest)
+            if learner.fm_digest != fm.digest:
+                raise FoundationModelError(
+                    f"the checkpoint in {self.cfg.work_dir} was trained on another FM "
+                    f"({learner.fm_digest[:12]}) than "
+                    f"the server's ({fm.digest[:12]}); use a new --work-dir"
                 )
-            self.say(
-                f"[{self.cfg.client_id}] task {index + 1}/{len(stream)} {task.name}: "
-                f"{len(task.train)} examples of {len(task.labels)} labels"
-            )
-            self._run_task(fm, stream, index, progress, learner)
+            self.progress, self._ready = progress, (fm, learner)
+        return self._ready
+
+    def run_task(self, stream: Sequence[Task], index: int, total: int | None = None) -> dict[str, object]:
+        """Take task `index` from where the checkpoint left it to done; returns its metrics record.
+
+        Every earlier task of `stream` must be done (only their test data is read: accuracy on all
+        tasks seen so far); a task with another name than the one in progress there starts over.
+        `total` (tasks to come in all, when known) is only for the progress line.
+        """
+        fm, learner = self.prepare()
+        if index != self.progress.task_index:
+            raise ValueError(f"task {index} is not the next one: {self.progress.task_index} tasks are done")
+        task, progress = stream[index], self.progress
+        if progress.task_name != task.name:
             progress = Progress(
-                task_index=index + 1, snapshot=progress.snapshot, failed_jobs=progress.failed_jobs
+                task_index=index,
+                task_name=task.name,
+                snapshot=progress.snapshot,
+                failed_jobs=progress.failed_jobs,
             )
-            self.store.save(progress, learner)
-        return RunSummary(len(stream), progress.failed_jobs, self._load_metrics())
+        self.say(
+            f"[{self.cfg.client_id}] task {index + 1}{f'/{total}' if total else ''} {task.name}: "
+            f"{len(task.train)} examples of {len(task.labels)} labels"
+        )
+        self.progress = progress
+        try:
+            self._run_task(fm, list(stream), index, progress, learner)
+        except BaseException:
+            # the learner in memory may be half-way through a step: the next call reloads the checkpoint,
+            # exactly as a restarted client would
+            self._ready = None
+            raise
+        self.progress = Progress(
+            task_index=index + 1, snapshot=progress.snapshot, failed_jobs=progress.failed_jobs
+        )
+        self.store.save(self.progress, learner)
+        return next((r for r in self.load_records() if r["task_index"] == index), {"task_index": index})
 
     def _run_task(
         self, fm: FoundationModel, stream: list[Task], index: int, progress: Progress, learner: Learner
@@ -110,17 +156,30 @@ class ClientRunner:
         task = stream[index]
         if progress.step < Step.TRAINED:
             feats = self._features(fm, [ex.text for ex in task.train])
-            learner.train(
-                feats, [ex.label for ex in task.train], self.cfg.smcf, seed=self.cfg.seed * 1000 + index
-            )
+            with self.bars.bar(f"training {task.name}", unit="epoch") as on_epoch:
+                learner.train(
+                    feats,
+                    [ex.label for ex in task.train],
+                    self.cfg.smcf,
+                    seed=self.cfg.seed * 1000 + index,
+                    on_epoch=on_epoch,
+                )
             progress.step, progress.upload_id = Step.TRAINED, uuid.uuid4().hex
+            package = learner.package(self.cfg.smcf, seed=self.cfg.seed * 1000 + index)
+            self.store.save_upload(progress.upload_id, encode_package(package))
             self.store.save(progress, learner)
             self.say(f"[{self.cfg.client_id}]   trained small model ({len(learner.labels)} labels seen)")
         if progress.step < Step.UPLOADED:
-            data = encode_package(learner.package(self.cfg.smcf, seed=self.cfg.seed * 1000 + index))
-            receipt = self.conn.upload(data, progress.upload_id, task.name, index, fm.digest)
+            data = self.store.load_upload(progress.upload_id) or encode_package(
+                learner.package(self.cfg.smcf, seed=self.cfg.seed * 1000 + index)
+            )  # (encoding again only for a checkpoint written before packages were kept)
+            with self.bars.bar(f"uploading {task.name}", data=True) as sent:
+                receipt = self.conn.upload(
+                    data, progress.upload_id, task.name, index, fm.digest, progress=sent
+                )
             progress.step, progress.job_id, progress.bytes_up = Step.UPLOADED, receipt.job_id, len(data)
             self.store.save(progress, learner)
+            self.store.drop_upload(progress.upload_id)
             self.say(f"[{self.cfg.client_id}]   uploaded {len(data)} bytes, job {receipt.job_id}")
         if progress.step < Step.DOWNLOADED:
             progress.bytes_down = self._await_head(progress, learner)
@@ -129,16 +188,27 @@ class ClientRunner:
         if progress.step < Step.DONE:
             metrics = self._evaluate(fm, stream, index, learner)
             metrics.update(bytes_up=float(progress.bytes_up), bytes_down=float(progress.bytes_down))
-            self._store_record(metrics)
+            self._store_record(metrics | self._job_fields(progress, learner))
             self.conn.report_metrics(
                 task.name, index, {k: float(v) for k, v in metrics.items() if isinstance(v, float)}
             )
             progress.step = Step.DONE
             self.store.save(progress, learner)
 
+    @staticmethod
+    def _job_fields(progress: Progress, learner: Learner) -> dict[str, object]:
+        """How the task's job ended and the head versions it left (kept in metrics.json, not reported)."""
+        return {
+            "job_id": progress.job_id,
+            "job_state": progress.job_state,
+            "global_version": progress.global_version,
+            "personal_version": learner.personal_version,
+        }
+
     def _await_head(self, progress: Progress, learner: Learner) -> int:
         """Wait for the task's job; install the personalised head it produced. Returns bytes downloaded."""
         event = self.conn.watch_job(progress.job_id, on_event=self._show_event)
+        progress.job_state, progress.global_version = pb.JobState.Name(event.state), event.global_version
         if event.state != pb.JOB_STATE_DONE:
             self.say(
                 f"[{self.cfg.client_id}]   job {progress.job_id} ended {pb.JobState.Name(event.state)}: "
@@ -148,7 +218,9 @@ class ClientRunner:
                 progress.failed_jobs.append(progress.job_id)
             return 0
         header, data = self.conn.get_knowledge(pb.HEAD_SCOPE_PERSONAL, event.personal_version)
-        learner.set_personal(data, header.version)
+        pkg = decode_package(data)
+        seed = self.cfg.seed * 1000 + progress.task_index
+        learner.absorb_personal(Head(pkg.build(), pkg.labels), header.version, self.cfg.smcf, seed)
         self.say(f"[{self.cfg.client_id}]   personalised head v{header.version} ({header.num_labels} labels)")
         return len(data)
 
@@ -192,23 +264,28 @@ class ClientRunner:
         return record
 
     def _store_record(self, record: dict[str, object]) -> None:
-        records = [r for r in self._load_metrics() if r["task_index"] != record["task_index"]] + [record]
+        records = [r for r in self.load_records() if r["task_index"] != record["task_index"]] + [record]
         self.metrics_path.write_text(json.dumps(records, indent=1))
 
-    def _load_metrics(self) -> list[dict[str, object]]:
+    def load_records(self) -> list[dict[str, object]]:
+        """metrics.json: one record per task done (accuracy rows, bytes, job and head versions)."""
         return json.loads(self.metrics_path.read_text()) if self.metrics_path.exists() else []
 
     def _features(self, fm: FoundationModel, texts: list[str]) -> torch.Tensor:
-        return cached_features(fm, texts, self.cfg.work_dir / "cache")
+        with self.bars.bar("FM features", unit="text") as encoded:
+            return cached_features(fm, texts, self.cfg.work_dir / "cache", progress=encoded)
 
     def resolve_fm(self) -> FoundationModel:
         """Use the local FM if it is the server's; otherwise download the server's (resumable, verified)."""
         try:
-            local: FoundationModel | None = FoundationModel(self.cfg.fm, device=self.cfg.device)
+            local: FoundationModel | None = self.local_fm or FoundationModel(
+                self.cfg.fm, device=self.cfg.device
+            )
         except FoundationModelError as exc:
             log.info("no usable local FM (%s); will download the server's", exc)
             local = None
         reg = self.conn.register(self.cfg.client_id, local.digest if local else "", self.spec.to_json())
+        self.registration = reg
         if local is not None and reg.fm_matches:
             return self._remember_fm(local)
         server_fm = reg.foundation_model
@@ -219,7 +296,8 @@ class ClientRunner:
                 f"({server_fm.archive_size / 1e6:.1f} MB)"
             )
             archive = self.cfg.work_dir / "fm.tar"
-            self.conn.download_fm(archive)
+            with self.bars.bar("downloading FM", data=True) as received:
+                self.conn.download_fm(archive, progress=received)
             extract_fm_archive(archive, target)
             archive.unlink()
         fm = FoundationModel(str(target), device=self.cfg.device)
@@ -232,3 +310,12 @@ class ClientRunner:
         self.cfg.work_dir.mkdir(parents=True, exist_ok=True)
         (self.cfg.work_dir / FM_PATH_FILE).write_text(str(fm.path))
         return fm
+
+
+def load_trained(work_dir: Path, device: str = "cpu") -> tuple[FoundationModel, Learner]:
+    """The FM and learner checkpointed in `work_dir`, loaded offline (what predictions use)."""
+    fm_file = work_dir / FM_PATH_FILE
+    _, learner = CheckpointStore(work_dir).load()
+    if learner is None or not fm_file.exists():
+        raise RuntimeError(f"{work_dir} holds no trained client; run `fcl-client run` first")
+    return FoundationModel(fm_file.read_text().strip(), device=device), learner

@@ -10,14 +10,18 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.config import OBODConfig
 from common.fm import DEFAULT_FM, FoundationModel, default_device
+from common.settings import host_port
 from common.stubs.fcl.v1 import fcl_pb2, fcl_pb2_grpc
 from common.tls import TLSConfigError, TLSFiles, is_loopback
 from fcl_server.blobs import BlobStore
+from fcl_server.dashboard import DashboardServer, start_dashboard
 from fcl_server.fm_host import FMHost, read_public_corpus
+from fcl_server.interceptor import ObservingInterceptor
+from fcl_server.metrics import ServerMetrics
 from fcl_server.service import FclService, ServerLimits
 from fcl_server.servicer import FclServicer
 from fcl_server.state import State
@@ -39,10 +43,18 @@ class ServerConfig(BaseModel):
     obod: OBODConfig = Field(default_factory=OBODConfig)
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     uploads_per_minute: int = Field(60, ge=0, description="per client; 0 disables the limit")
+    upload_mb_per_hour: int = Field(1024, ge=0, description="MiB uploaded per client per hour; 0: no limit")
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = Field(None, description="require client certificates signed by this CA")
     insecure: bool = Field(False, description="allow plaintext on a non-loopback address")
+    metrics_listen: str | None = Field(None, description="HOST:PORT of the Prometheus /metrics endpoint")
+    dashboard_listen: str | None = Field(None, description="HOST:PORT of the read-only admin web dashboard")
+
+    @field_validator("metrics_listen", "dashboard_listen")
+    @classmethod
+    def _metrics_address(cls, value: str | None) -> str | None:
+        return None if value is None else host_port(value)
 
     def tls(self) -> TLSFiles:
         return TLSFiles(self.tls_cert, self.tls_key, self.tls_client_ca)
@@ -65,6 +77,9 @@ class RunningServer:
     health: health.HealthServicer
     state: State
     state_dir: Path
+    metrics: ServerMetrics
+    metrics_port: int | None = None  # bound port of /metrics; None when it is not served
+    dashboard: DashboardServer | None = None  # its .port is the bound port; None when it is not served
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting calls, let in-flight ones finish, finish the running job, close the database."""
@@ -72,6 +87,9 @@ class RunningServer:
         self.server.stop(grace).wait()
         if not self.worker.stop(timeout=120):
             log.warning("distillation worker did not stop in time; its job is re-queued at the next start")
+        if self.dashboard is not None:
+            self.dashboard.stop()
+        self.metrics.stop_http()
         self.state.close()
 
 
@@ -99,15 +117,25 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
     fm = fm or FoundationModel(config.fm, device=config.device)
     corpus = read_public_corpus(config.public_corpus or default_public_corpus())
     fm_host = FMHost(fm, state, blobs, corpus, state_dir / "cache")
-    service = FclService(
-        state,
-        blobs,
-        fm_host,
-        ServerLimits(max_upload_bytes=config.max_upload_bytes, uploads_per_minute=config.uploads_per_minute),
+    limits = ServerLimits(
+        max_upload_bytes=config.max_upload_bytes,
+        uploads_per_minute=config.uploads_per_minute,
+        upload_mb_per_hour=config.upload_mb_per_hour,
     )
-    worker = DistillationWorker(state, blobs, fm_host, config.obod, service.notifier, config.device)
+    service = FclService(state, blobs, fm_host, limits)
+    metrics = ServerMetrics()
+    worker = DistillationWorker(
+        state, blobs, fm_host, config.obod, service.notifier, config.device, observe=metrics.observe_job
+    )
+    metrics.watch_state(state, lambda: worker.busy)
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers),
+        interceptors=[ObservingInterceptor(metrics)],
+        # gRPC's default 4 MiB receive cap counts protobuf framing, so it refused a chunk of exactly
+        # max_chunk_bytes and pre-empted the servicer's own, clearer "chunk over N bytes" error
+        options=[("grpc.max_receive_message_length", limits.max_chunk_bytes + 64 * 1024)],
+    )
     fcl_pb2_grpc.add_FclServiceServicer_to_server(FclServicer(service), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -119,9 +147,23 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
     if port == 0:
         state.close()
         raise OSError(f"could not bind {config.listen}")
+    try:
+        metrics_port = metrics.serve_http(config.metrics_listen) if config.metrics_listen else None
+    except OSError as exc:
+        state.close()
+        raise OSError(f"could not serve metrics on {config.metrics_listen}: {exc.strerror}") from exc
+    try:
+        listen = config.dashboard_listen
+        dashboard = start_dashboard(service, listen, config.tls(), config.insecure) if listen else None
+    except (OSError, ValueError):
+        metrics.stop_http()
+        state.close()
+        raise
     server.start()
     worker.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("fcl-server listening on %s (port %d), FM %s %s", config.listen, port, fm.name, fm.digest[:12])
-    return RunningServer(server, port, service, worker, health_servicer, state, state_dir)
+    return RunningServer(
+        server, port, service, worker, health_servicer, state, state_dir, metrics, metrics_port, dashboard
+    )

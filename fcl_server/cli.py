@@ -12,37 +12,26 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from common.config import OBODConfig
-from common.fm import DEFAULT_FM, FoundationModelError
-from fcl_server.app import ServerConfig, create_server, open_state
+from common.fm import FoundationModelError
+from common.logs import setup_logging
+from common.settings import add_flags, given_flags, load_settings
+from fcl_server.app import create_server, open_state
+from fcl_server.settings import ServeSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fcl-server", description="Federated continual learning server")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the server until SIGTERM/SIGINT")
-    serve.add_argument("--state-dir", type=Path, required=True, help="database, blobs and caches live here")
-    serve.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to bind (port 0 = any free)")
-    serve.add_argument(
-        "--fm", default=DEFAULT_FM, help="FM name (packaged default) or a local model directory"
+    serve = sub.add_parser(
+        "serve",
+        help="run the server until SIGTERM/SIGINT",
+        description="Every option can also come from FCL_<OPTION> (e.g. FCL_STATE_DIR) or from the TOML "
+        "file given by --config (keys are the long flag names with '-' -> '_'). Precedence: flags > "
+        "environment > file > defaults.",
     )
-    serve.add_argument(
-        "--public-corpus",
-        type=Path,
-        help="unlabeled text file, one sentence per line (default: the built-in public split)",
-    )
-    serve.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    serve.add_argument("--head-spec", help="zoo spec of the FM heads, e.g. mlp:768:gelu")
-    serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
-    serve.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
-    serve.add_argument("--tls-key", type=Path, help="server private key (PEM)")
-    serve.add_argument("--tls-client-ca", type=Path, help="CA of client certificates: enables mutual TLS")
-    serve.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
-    serve.add_argument(
-        "--uploads-per-minute", type=int, default=60, help="per-client upload rate (0: no limit)"
-    )
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--config", type=Path, help="TOML file of options (see deploy/server.example.toml)")
+    add_flags(serve, ServeSettings)
 
     enroll = sub.add_parser("enroll", help="issue a bearer token for a client (or an admin) and print it")
     enroll.add_argument("--state-dir", type=Path, required=True)
@@ -100,29 +89,17 @@ def revoke(state_dir: Path, client_id: str) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    obod = OBODConfig(**({"head_spec": args.head_spec} if args.head_spec else {}))
-    fields = {
-        "state_dir": args.state_dir,
-        "listen": args.listen,
-        "fm": args.fm,
-        "obod": obod,
-        "public_corpus": args.public_corpus,
-        "tls_cert": args.tls_cert,
-        "tls_key": args.tls_key,
-        "tls_client_ca": args.tls_client_ca,
-        "insecure": args.insecure,
-        "uploads_per_minute": args.uploads_per_minute,
-    }
-    if args.device:
-        fields["device"] = args.device
-    running = create_server(ServerConfig(**fields))
-    if args.port_file:
-        tmp = args.port_file.with_suffix(".tmp")
+    settings = load_settings(ServeSettings, given_flags(args, ServeSettings), args.config)
+    setup_logging(settings.log_level, settings.log_format)
+    running = create_server(settings.server_config())
+    if settings.port_file:
+        tmp = settings.port_file.with_suffix(".tmp")
         tmp.write_text(str(running.port))
-        tmp.replace(args.port_file)
+        tmp.replace(settings.port_file)
+    if running.metrics_port is not None:
+        print(f"fcl-server metrics on port {running.metrics_port} (/metrics)", flush=True)
+    if running.dashboard is not None:
+        print(f"fcl-server dashboard on port {running.dashboard.port} (/)", flush=True)
     print(f"fcl-server serving on port {running.port}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -6,7 +6,15 @@ import time
 
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from fcl_server.fm_host import FMInfo
-from fcl_server.service import SERVER_VERSION, ClientView, Receipt, Registration, StatusView, UploadHeader
+from fcl_server.service import (
+    SERVER_VERSION,
+    ClientView,
+    Receipt,
+    Registration,
+    StatusView,
+    UploadHeader,
+    UploadProgress,
+)
 from fcl_server.state import GLOBAL, PERSONAL, HeadVersion, Job, JobState
 
 _JOB_STATES = {
@@ -47,12 +55,24 @@ def upload_header(msg: pb.UploadHeader) -> UploadHeader:
         fm_digest=msg.fm_digest,
         size=msg.size,
         sha256=msg.sha256.lower(),
+        offset=msg.offset,
     )
 
 
 def receipt(rec: Receipt) -> pb.UploadReceipt:
     return pb.UploadReceipt(
         upload_id=rec.upload_id, job_id=rec.job_id, duplicate=rec.duplicate, size=rec.size, sha256=rec.sha256
+    )
+
+
+def upload_status(progress: UploadProgress) -> pb.UploadStatus:
+    return pb.UploadStatus(
+        upload_id=progress.upload_id,
+        committed_size=progress.committed,
+        size=progress.size,
+        sha256=progress.sha256,
+        complete=progress.receipt is not None,
+        receipt=receipt(progress.receipt) if progress.receipt else None,
     )
 
 

@@ -29,3 +29,7 @@ class FailedPrecondition(DomainError):
 
 class ResourceExhausted(DomainError):
     pass
+
+
+class Aborted(DomainError):
+    """A concurrency or resume conflict: the caller should re-read the state and retry (gRPC ABORTED)."""

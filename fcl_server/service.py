@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 import threading
 import time
@@ -12,6 +14,7 @@ from common import __version__
 from common.package import PackageError, PackageLimits, decode_package
 from fcl_server.blobs import BlobStore
 from fcl_server.errors import (
+    Aborted,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -20,9 +23,11 @@ from fcl_server.errors import (
     Unauthenticated,
 )
 from fcl_server.fm_host import FMHost, FMInfo
-from fcl_server.ratelimit import RateLimiter
+from fcl_server.partials import PartialMeta, PartialUploads, PartialWriter
+from fcl_server.ratelimit import ByteQuota, RateLimiter
 from fcl_server.state import GLOBAL, PERSONAL, HeadVersion, Job, Principal, State
 
+log = logging.getLogger(__name__)
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 SERVER_VERSION = __version__
@@ -35,6 +40,9 @@ class ServerLimits:
     max_labels: int = 10_000
     max_metrics: int = 256
     uploads_per_minute: int = 60  # per client; 0 disables the limit
+    partial_upload_ttl_s: float = 24 * 3600.0  # unfinished uploads are dropped after this long idle
+    max_partial_uploads: int = 8  # per client; starting one more drops the least recently written
+    upload_mb_per_hour: int = 1024  # MiB uploaded per client per hour; 0 disables the limit
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class UploadHeader:
     fm_digest: str
     size: int
     sha256: str
+    offset: int = 0  # > 0: the chunks resume an earlier stream of this upload at this byte
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,15 @@ class Receipt:
     duplicate: bool
     size: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class UploadProgress:
+    upload_id: str
+    committed: int  # bytes held of an unfinished upload
+    size: int
+    sha256: str
+    receipt: Receipt | None  # set once the upload was accepted
 
 
 @dataclass(frozen=True)
@@ -110,6 +128,13 @@ class FclService:
         self.limits = limits or ServerLimits()
         self.notifier = JobNotifier()
         self.upload_limiter = RateLimiter(self.limits.uploads_per_minute)
+        # next to the blob store, under the state dir, but not in blobs/tmp (cleared at every start)
+        self.partials = PartialUploads(
+            blobs.root.parent / "partial-uploads",
+            self.limits.partial_upload_ttl_s,
+            self.limits.max_partial_uploads,
+        )
+        self.upload_quota = ByteQuota(self.limits.upload_mb_per_hour)
         self.started = time.time()
 
     # -- auth -----------------------------------------------------------------------------------
@@ -131,6 +156,8 @@ class FclService:
         own = self._client(principal)
         if client_id and client_id != own:
             raise PermissionDenied(f"token belongs to client {own!r}, not {client_id!r}")
+        if fm_digest and not SHA_RE.match(fm_digest):
+            raise InvalidArgument("fm_digest must be empty or a 64-character lowercase hex sha256 digest")
         self.state.touch_client(own, fm_digest=fm_digest, model_spec=model_spec[:4096])
         head = self.state.head(PERSONAL, own)
         info = self.fm_host.info
@@ -156,29 +183,60 @@ class FclService:
             raise InvalidArgument("task_index must be >= 0")
         if not SHA_RE.match(header.sha256):
             raise InvalidArgument("sha256 must be 64 lowercase hex digits")
-        if not 0 < header.size <= self.limits.max_upload_bytes:
+        if header.size < 1:
+            raise InvalidArgument(f"upload size must be at least 1 byte, not {header.size}")
+        if header.size > self.limits.max_upload_bytes:
             raise ResourceExhausted(
-                f"upload size {header.size} is outside 1..{self.limits.max_upload_bytes} bytes"
+                f"upload size {header.size} is over the limit of {self.limits.max_upload_bytes} bytes"
             )
         if header.fm_digest != self.fm_host.info.digest:
             raise FailedPrecondition(
                 "the package was built on a different FM than the server's; download the server's FM "
                 "(GetFoundationModel) and retrain before uploading"
             )
+        if not 0 <= header.offset <= header.size:
+            raise InvalidArgument(f"offset {header.offset} is outside the package (0..{header.size})")
         existing = self.state.find_upload(client, header.upload_id)
         if existing is None:
-            wait = self.upload_limiter.try_acquire(client)  # retries of an accepted upload are free
-            if wait > 0:
-                raise ResourceExhausted(
-                    f"client {client!r} is over {self.limits.uploads_per_minute} uploads per minute; "
-                    f"retry in {wait:.0f}s"
+            held = self.partials.held(client, header.upload_id)
+            same = held is not None and (held.meta.size, held.meta.sha256) == (header.size, header.sha256)
+            if header.offset > 0 and not same:  # refused before charging: the retry from 0 pays once
+                raise Aborted(
+                    f"the server holds no bytes of upload {header.upload_id!r} for this package; ask "
+                    "GetUploadStatus and resume from its committed_size (0: start over)"
                 )
+            if not same:
+                self._admit_upload(client, header.size)  # retries of an accepted upload are free
+            # else it continues an upload that was charged when its first stream began
             return None
+        self.partials.discard(client, header.upload_id)  # leftovers of a stream cut after acceptance
         if existing["sha256"] != header.sha256:
             raise FailedPrecondition(f"upload id {header.upload_id!r} was already used for different content")
         return Receipt(
             header.upload_id, int(existing["job_id"]), True, int(existing["size"]), existing["sha256"]
         )
+
+    def _admit_upload(self, client: str, size: int) -> None:
+        """Charge a new upload to the client's byte quota and upload rate, or say how long to wait."""
+        wait = self.upload_quota.try_acquire(client, size)
+        if math.isinf(wait):
+            raise ResourceExhausted(
+                f"an upload of {size} bytes is larger than the whole quota of "
+                f"{self.limits.upload_mb_per_hour} MiB per hour; ask the operator for a larger "
+                "--upload-mb-per-hour"
+            )
+        if wait > 0:
+            raise ResourceExhausted(
+                f"client {client!r} is over its quota of {self.limits.upload_mb_per_hour} MiB uploaded per "
+                f"hour; retry in {math.ceil(wait)}s"
+            )
+        wait = self.upload_limiter.try_acquire(client)
+        if wait > 0:
+            self.upload_quota.refund(client, size)  # the upload is refused, so its bytes are not spent
+            raise ResourceExhausted(
+                f"client {client!r} is over {self.limits.uploads_per_minute} uploads per minute; "
+                f"retry in {math.ceil(wait)}s"
+            )
 
     def accept_upload(
         self, principal: Principal, header: UploadHeader, tmp: Path, size: int, sha256: str
@@ -194,12 +252,57 @@ class FclService:
             self.blobs.put_file(tmp, sha256)
         finally:
             tmp.unlink(missing_ok=True)
-        job_id, duplicate = self.state.add_upload_and_job(
+        job_id, duplicate = self.state.add_upload_and_job(  # also touches the client
             client, header.upload_id, header.task_key, header.task_index, size, sha256
         )
-        self.state.touch_client(client)
         self.notifier.notify()
         return Receipt(header.upload_id, job_id, duplicate, size, sha256)
+
+    def open_upload(self, principal: Principal, header: UploadHeader) -> PartialWriter:
+        """Start receiving (offset 0) or resume (offset > 0) an upload whose header was checked."""
+        meta = PartialMeta(header.size, header.sha256, header.task_key, header.task_index)
+        return self.partials.open(self._client(principal), header.upload_id, meta, header.offset)
+
+    def finish_upload(self, principal: Principal, header: UploadHeader, writer: PartialWriter) -> Receipt:
+        """The stream ended: accept the upload if all its bytes are held, else keep them for a resume."""
+        if writer.committed < header.size:
+            raise InvalidArgument(
+                f"received {writer.committed} bytes but the header announced {header.size}; the server "
+                f"keeps them: send the rest with UploadHeader.offset={writer.committed}"
+            )
+        tmp = self.blobs.new_temp()
+        writer.seal(tmp)
+        digest = writer.sha256()  # hashed while received (a resumed prefix: as read back from disk)
+        if digest != header.sha256 and writer.offset > 0:
+            tmp.unlink(missing_ok=True)
+            raise Aborted(
+                "the resumed upload does not match its sha256 (the bytes held from an earlier stream "
+                "were damaged); they were dropped: upload again from offset 0"
+            )
+        receipt = self.accept_upload(principal, header, tmp, writer.committed, digest)
+        log.info(
+            "upload %s of %s accepted: %d bytes (%d resumed from an earlier stream), job %d",
+            header.upload_id,
+            principal.name,
+            receipt.size,
+            writer.offset,
+            receipt.job_id,
+        )
+        return receipt
+
+    def upload_status(self, principal: Principal, upload_id: str) -> UploadProgress:
+        client = self._client(principal)
+        if not ID_RE.match(upload_id):
+            raise InvalidArgument("upload_id must be 1-128 letters, digits, '_', '.' or '-' (e.g. a UUID)")
+        existing = self.state.find_upload(client, upload_id)
+        if existing is not None:
+            size, sha256 = int(existing["size"]), str(existing["sha256"])
+            receipt = Receipt(upload_id, int(existing["job_id"]), True, size, sha256)
+            return UploadProgress(upload_id, size, size, sha256, receipt)
+        held = self.partials.held(client, upload_id)
+        if held is None:
+            return UploadProgress(upload_id, 0, 0, "", None)
+        return UploadProgress(upload_id, held.committed, held.meta.size, held.meta.sha256, None)
 
     def _validate_package(self, data: bytes) -> None:
         limits = PackageLimits(max_bytes=self.limits.max_upload_bytes, max_labels=self.limits.max_labels)
@@ -249,7 +352,7 @@ class FclService:
         if len(values) > self.limits.max_metrics:
             raise InvalidArgument(f"at most {self.limits.max_metrics} metrics per report")
         for name, value in values.items():
-            if not ID_RE.match(name.replace("/", "_")) or value != value:
+            if not ID_RE.match(name.replace("/", "_")) or not math.isfinite(value):
                 raise InvalidArgument(
                     f"metric {name!r}={value} is invalid: use a short name and a finite number"
                 )

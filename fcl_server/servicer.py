@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.stubs.fcl.v1 import fcl_pb2_grpc
 from fcl_server import convert
 from fcl_server.errors import (
+    Aborted,
     DomainError,
     FailedPrecondition,
     InvalidArgument,
@@ -23,6 +23,8 @@ from fcl_server.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
+from fcl_server.interceptor import note_client
+from fcl_server.partials import PartialWriter
 from fcl_server.service import FclService
 from fcl_server.state import Principal
 
@@ -36,6 +38,7 @@ _STATUS = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Aborted: grpc.StatusCode.ABORTED,
 }
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -91,7 +94,9 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
         self.chunk_size = chunk_size
 
     def _auth(self, context: grpc.ServicerContext) -> Principal:
-        return self.service.authenticate(bearer_token(context))
+        principal = self.service.authenticate(bearer_token(context))
+        note_client(principal.name)  # the RPC's log line names its caller
+        return principal
 
     @maps_domain_errors
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
@@ -121,30 +126,31 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
         earlier = self.service.check_upload_header(principal, header)
         if earlier is not None:
             return convert.receipt(earlier)
-        tmp = self.service.blobs.new_temp()
+        # bytes go to a resumable partial: if this stream breaks, the next one sends only the rest
+        writer = self.service.open_upload(principal, header)
         try:
-            size, digest = self._receive_chunks(request_iterator, tmp, header.size)
-            return convert.receipt(self.service.accept_upload(principal, header, tmp, size, digest))
+            self._receive_chunks(request_iterator, writer)
+            return convert.receipt(self.service.finish_upload(principal, header, writer))
         finally:
-            tmp.unlink(missing_ok=True)
+            writer.close()
 
-    def _receive_chunks(
-        self, requests: Iterator[pb.UploadKnowledgeRequest], tmp: Path, limit: int
-    ) -> tuple[int, str]:
-        digest, size = hashlib.sha256(), 0
-        with tmp.open("wb") as fh:
-            for msg in requests:
-                if msg.WhichOneof("payload") != "chunk":
-                    raise InvalidArgument("only chunks may follow the header")
-                if len(msg.chunk) > self.service.limits.max_chunk_bytes:
-                    raise ResourceExhausted(f"chunk over {self.service.limits.max_chunk_bytes} bytes")
-                size += len(msg.chunk)
-                if size > limit:
-                    raise InvalidArgument(f"more bytes arrived than the {limit} the header announced")
-                digest.update(msg.chunk)
-                fh.write(msg.chunk)
-            fh.flush()
-        return size, digest.hexdigest()
+    def _receive_chunks(self, requests: Iterator[pb.UploadKnowledgeRequest], writer: PartialWriter) -> None:
+        for msg in requests:
+            if msg.WhichOneof("payload") != "chunk":
+                writer.abandon()
+                raise InvalidArgument("only chunks may follow the header")
+            chunk = msg.chunk  # each read of a bytes field copies it: read it once
+            if len(chunk) > self.service.limits.max_chunk_bytes:
+                writer.abandon()
+                raise ResourceExhausted(f"chunk over {self.service.limits.max_chunk_bytes} bytes")
+            writer.write(chunk)
+
+    @maps_domain_errors
+    def GetUploadStatus(
+        self, request: pb.GetUploadStatusRequest, context: grpc.ServicerContext
+    ) -> pb.UploadStatus:
+        principal = self._auth(context)
+        return convert.upload_status(self.service.upload_status(principal, request.upload_id))
 
     @maps_domain_errors
     def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.JobEvent]:

@@ -175,9 +175,14 @@ class State:
     def add_upload_and_job(
         self, client_id: str, upload_id: str, task_key: str, task_index: int, size: int, sha256: str
     ) -> tuple[int, bool]:
-        """Record an accepted upload and queue its job; returns (job_id, duplicate)."""
+        """Record an accepted upload and queue its job, and touch the client; returns (job_id, duplicate).
+
+        One transaction, so one durable commit (an fsync) per upload.
+        """
         now = time.time()
         with self.tx() as db:
+            db.execute("INSERT OR IGNORE INTO clients(client_id, created) VALUES (?,?)", (client_id, now))
+            db.execute("UPDATE clients SET last_seen=? WHERE client_id=?", (now, client_id))
             row = db.execute(
                 "SELECT job_id FROM uploads WHERE client_id=? AND upload_id=?", (client_id, upload_id)
             ).fetchone()
@@ -313,6 +318,18 @@ class State:
         with self._lock:
             return int(self._conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0])
 
+    def client_count(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM clients").fetchone()[0])
+
+    def head_summary(self) -> dict[str, tuple[int, int]]:
+        """Per scope: (head versions published, highest version number) — for the metrics endpoint."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT scope, COUNT(*), MAX(version) FROM heads GROUP BY scope"
+            ).fetchall()
+        return {row[0]: (int(row[1]), int(row[2])) for row in rows}
+
     def put_metrics(self, client_id: str, task_key: str, task_index: int, values: dict[str, float]) -> int:
         now = time.time()
         with self.tx() as db:
@@ -331,6 +348,15 @@ class State:
                 (client_id, client_id),
             ).fetchall()
         return {r["name"]: float(r["value"]) for r in rows}
+
+    def metric_history(self, limit: int = 20_000) -> list[sqlite3.Row]:
+        """Every reported metric (client_id, task_key, task_index, name, value, reported), by client, task."""
+        with self._lock:
+            return self._conn.execute(
+                "SELECT client_id, task_key, task_index, name, value, reported FROM metrics"
+                " ORDER BY client_id, task_index, name LIMIT ?",
+                (limit,),
+            ).fetchall()
 
     def get_kv(self, key: str) -> str | None:
         with self._lock:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
 from common.algorithms.obod import Cancelled, Head, Teacher, run_job
 from common.algorithms.stats import StatsBank
 from common.config import OBODConfig
+from common.logs import fields
 from common.package import KnowledgePackage, decode_package, decode_stats, encode_package, encode_stats
 from fcl_server.blobs import BlobStore
 from fcl_server.fm_host import FMHost
@@ -18,6 +20,7 @@ from fcl_server.service import JobNotifier
 from fcl_server.state import GLOBAL, Job, State
 
 log = logging.getLogger(__name__)
+JobObserver = Callable[[str, float], None]  # (outcome: done | failed | interrupted, seconds)
 
 
 class DistillationWorker:
@@ -31,9 +34,11 @@ class DistillationWorker:
         cfg: OBODConfig,
         notifier: JobNotifier,
         device: str = "cpu",
+        observe: JobObserver | None = None,
     ) -> None:
         self.state, self.blobs, self.fm_host, self.cfg = state, blobs, fm_host, cfg
         self.notifier = notifier
+        self.observe = observe
         self.device = torch.device(device)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="obod-worker", daemon=True)
@@ -66,23 +71,57 @@ class DistillationWorker:
                 self.notifier.notify()
 
     def run_job(self, job: Job) -> None:
+        """Run one job; logs exactly one INFO (or ERROR) line with its outcome and duration."""
         started = time.perf_counter()
-        log.info("job %d (client %s, %s) running", job.job_id, job.client_id, job.task_key)
+        log.debug("job %d (client %s, %s) running", job.job_id, job.client_id, job.task_key)
         try:
             versions = self._distill(job)
         except Cancelled:
-            log.info("job %d interrupted by shutdown; re-queued for the next start", job.job_id)
             self.state.requeue_job(job.job_id)
+            self._finished(
+                job, "interrupted", started, "interrupted by shutdown; re-queued for the next start (ran {s})"
+            )
             return
         except Exception as exc:  # a bad job must not stop the worker; it is recorded as failed
-            log.exception("job %d failed", job.job_id)
             self.state.fail_job(job.job_id, f"{type(exc).__name__}: {exc}")
+            self._finished(
+                job, "failed", started, f"failed after {{s}}: {type(exc).__name__}: {exc}", exc_info=True
+            )
             return
-        log.info(
-            "job %d done in %.2fs: global v%d, personal v%d",
+        self._finished(
+            job, "done", started, f"done in {{s}}: global v{versions[0]}, personal v{versions[1]}", versions
+        )
+
+    def _finished(
+        self,
+        job: Job,
+        outcome: str,
+        started: float,
+        what: str,  # what happened; "{s}" becomes the duration
+        versions: tuple[int, int] = (0, 0),
+        exc_info: bool = False,
+    ) -> None:
+        seconds = time.perf_counter() - started
+        if self.observe is not None:
+            self.observe(outcome, seconds)
+        log.log(
+            logging.ERROR if outcome == "failed" else logging.INFO,
+            "job %d (client %s, %s) %s",
             job.job_id,
-            time.perf_counter() - started,
-            *versions,
+            job.client_id,
+            job.task_key,
+            what.replace("{s}", f"{seconds:.2f}s"),
+            exc_info=exc_info,
+            extra=fields(
+                event="job",
+                job_id=job.job_id,
+                client_id=job.client_id,
+                task_key=job.task_key,
+                outcome=outcome,
+                duration_ms=round(seconds * 1000, 1),
+                global_version=versions[0] or None,
+                personal_version=versions[1] or None,
+            ),
         )
 
     def _distill(self, job: Job) -> tuple[int, int]:

@@ -1,17 +1,20 @@
-"""Test helpers: an in-process server on port 0 and valid knowledge packages."""
+"""Test helpers: in-process servers on port 0, valid knowledge packages, real server processes."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.cluster import ServerProcess, start_server
 from common.algorithms.stats import StatsBank
 from common.fm import FoundationModel
 from common.package import KnowledgePackage, encode_package
 from common.zoo import SmallModel, parse_spec
-from fcl_server.app import RunningServer, ServerConfig, create_server
+from fcl_server.app import RunningServer, ServerConfig, create_server, open_state
+from fcl_server.cli import new_token
 
 
 def inprocess_server(tmp_path: Path, fm: FoundationModel, **config: Any) -> RunningServer:
@@ -33,3 +36,35 @@ def package_bytes(fm: FoundationModel, labels: list[str], spec: str = "linear") 
     return encode_package(
         KnowledgePackage.from_model(model, labels, fm.digest, "small", [4] * len(labels), bank)
     )
+
+
+# -- real server processes (fault and soak tests) ---------------------------------------------------------
+ACCEPTED = re.compile(r"upload (\S+) of (\S+) accepted: (\d+) bytes \((\d+) resumed")
+
+
+def enroll(state: Path, name: str, admin: bool = False) -> str:
+    """Issue a token in process (`fcl-server enroll` has its own tests; this saves a process start)."""
+    token = new_token()
+    db = open_state(state)
+    db.add_token(token, name, admin)
+    db.close()
+    return token
+
+
+def serve(state: Path, log: Path, tmp: Path, *extra: str) -> ServerProcess:
+    """`fcl-server serve` with a tiny public corpus (jobs take about a second) and no upload-rate limit."""
+    corpus = tmp / "public.txt"
+    if not corpus.exists():
+        corpus.write_text("\n".join(f"public sentence number {i} about topic {i % 7}" for i in range(64)))
+    return start_server(state, log, "--public-corpus", str(corpus), "--uploads-per-minute", "0", *extra)
+
+
+def held_parts(state: Path, client: str) -> dict[str, int]:
+    """upload id → bytes the server holds of each unfinished upload of `client` (on disk)."""
+    root = state / "partial-uploads" / client
+    return {p.stem: p.stat().st_size for p in root.glob("*.part")} if root.is_dir() else {}
+
+
+def accepted(log: Path) -> dict[str, tuple[int, int]]:
+    """upload id → (size, bytes resumed from an earlier stream), from a server log."""
+    return {m[1]: (int(m[3]), int(m[4])) for m in ACCEPTED.finditer(log.read_text())}

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from common.algorithms.losses import column_index
 from common.algorithms.obod import Head, Teacher, distill_global, personalise
-from common.algorithms.smcf import AssistHead, TaskData, snapshot, train_task
+from common.algorithms.smcf import AssistHead, TaskData, consolidate, snapshot, train_task
 from common.algorithms.stats import StatsBank
 from common.config import OBODConfig, SMCFConfig
 from common.metrics import Matrix, acc_avg, accuracy, backward_transfer, forgetting, mean_matrix, summarize
@@ -204,6 +204,28 @@ def test_fm_assistance_off_when_lambda_zero() -> None:
     train_task(with_assist, A, task, StatsBank(D), SMCFConfig(epochs=2, lambda_fm=0.0), assist=assist, seed=1)
     train_task(without, A, task, StatsBank(D), SMCFConfig(epochs=2, lambda_fm=0.0), seed=1)
     assert torch.equal(with_assist.out.weight, without.out.weight)
+
+
+def test_consolidate_pulls_a_weak_small_model_up_to_the_received_head() -> None:
+    world = make_world(seed=6)
+    labels = A + B
+    bank = StatsBank(D, rank=4)
+    bank.add_features(torch.cat([world.train_a.x, world.train_b.x]), world.train_a.y + world.train_b.y)
+    test = Split(torch.cat([world.test_a.x, world.test_b.x]), world.test_a.y + world.test_b.y)
+
+    def oracle(x: torch.Tensor) -> torch.Tensor:  # P_c that knows every label: nearest class mean
+        return -((x[:, None, :] - world.means[None]) ** 2).sum(-1)
+
+    assist = AssistHead(oracle, list(labels))
+    weak = fresh_model("mlp:32", len(labels), seed=7)  # untrained: chance level
+    untouched = copy.deepcopy(weak)
+    consolidate(weak, labels, bank, assist, SMCFConfig(consolidate_steps=0), seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(weak.parameters(), untouched.parameters(), strict=True))
+    before = acc_on(weak, labels, test)
+    consolidate(weak, labels, bank, assist, SMCFConfig(consolidate_steps=200), seed=0)
+    after = acc_on(weak, labels, test)
+    oracle_acc = accuracy(oracle(test.x), torch.tensor([labels.index(y) for y in test.y]))
+    assert before < 0.4 and after > 0.9 * oracle_acc, (before, after, oracle_acc)
 
 
 # -- OBOD -----------------------------------------------------------------------------------------

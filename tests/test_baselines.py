@@ -176,3 +176,14 @@ def test_ensemble_target_averages_over_teachers_that_know_a_label() -> None:
         p2 = torch.softmax(two.model(public) / 2.0, dim=1)
     raw = torch.stack([p1[:, 0], (p1[:, 1] + p2[:, 0]) / 2, p2[:, 1]], dim=1)
     assert torch.allclose(target, raw / raw.sum(dim=1, keepdim=True))
+
+
+def test_fedavg_variants_differ_in_exactly_their_local_losses() -> None:
+    from benchmarks.baselines import fedavg_config
+
+    cfg = SMCFConfig()
+    ft, lwf, smcf = (fedavg_config(mode, cfg) for mode in ("ft", "lwf", "smcf"))
+    assert (ft.replay, ft.lambda_old, ft.lambda_fm) == (False, 0.0, 0.0)
+    # LwF must stay on for fedlwf even though SMCF's own default LwF weight is 0
+    assert (lwf.replay, lwf.lambda_fm) == (False, 0.0) and lwf.lambda_old > 0
+    assert smcf.replay and smcf.lambda_fm == 0.0

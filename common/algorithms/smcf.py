@@ -38,11 +38,13 @@ def train_task(
     prev_model: SmallModel | None = None,
     assist: AssistHead | None = None,
     seed: int = 0,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> None:
     """Train `model` (output columns = `model_labels`) on one task in place.
 
     `bank` holds the statistics of labels seen in earlier tasks; `prev_model` is the snapshot taken at
-    the end of the previous task (its columns are the first columns of `model_labels`).
+    the end of the previous task (its columns are the first columns of `model_labels`). `on_epoch`
+    is told (epochs done, epochs) after each epoch, e.g. to draw a progress bar.
     """
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
@@ -61,7 +63,7 @@ def train_task(
     batches_per_epoch = max(1, -(-(len(real_y) + per_label * len(old_labels)) // cfg.batch_size))
     # few examples must not mean few optimizer steps: stretch the epochs to at least min_steps
     epochs = max(cfg.epochs, -(-cfg.min_steps // batches_per_epoch))
-    for _ in range(epochs):
+    for epoch in range(epochs):
         feats, ys = task.features, real_y
         if sampler is not None and old_cols is not None:
             which = torch.arange(len(old_labels)).repeat_interleave(per_label)
@@ -86,6 +88,45 @@ def train_task(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epochs)
+    model.eval()
+
+
+def consolidate(
+    model: SmallModel,
+    model_labels: list[str],
+    bank: StatsBank,
+    assist: AssistHead,
+    cfg: SMCFConfig,
+    seed: int = 0,
+) -> None:
+    """Pull the small model towards a freshly received P_c, on pseudo-features of every label it has seen.
+
+    No real data is needed: the batches are drawn from the local statistics bank (class-balanced), the
+    loss is the SMCF loss without the LwF term — CE on the drawn labels plus λ_fm·T²·KL to P_c.
+    """
+    labels = [y for y in model_labels if y in bank]
+    assist_cols, assist_src = _assist_columns(assist, model_labels)
+    if cfg.consolidate_steps <= 0 or not labels or len(assist_cols) < 2:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    sampler, cols = bank.sampler(labels), column_index(model_labels, labels)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    for _ in range(cfg.consolidate_steps):
+        which = torch.randint(len(labels), (cfg.batch_size,), generator=gen)
+        x, y = sampler.draw(which, gen).to(device), cols[which].to(device)
+        logits = model(x)
+        with torch.no_grad():
+            fm_logits = assist.forward(x)[:, assist_src.to(device)]
+        loss = F.cross_entropy(logits, y) + cfg.lambda_fm * kd_loss(
+            fm_logits, logits[:, assist_cols.to(device)], cfg.temperature
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     model.eval()
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x66\x63l/v1/fcl.proto\x12\x06\x66\x63l.v1\"v\n\x13\x46oundationModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x03 \x01(\x05\x12\x14\n\x0c\x61rchive_size\x18\x04 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x05 \x01(\t\"h\n\x0fRegisterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tfm_digest\x18\x02 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x03 \x01(\t\x12\x17\n\x0fmodel_spec_json\x18\x04 \x01(\t\"\xa7\x01\n\x10RegisterResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x35\n\x10\x66oundation_model\x18\x02 \x01(\x0b\x32\x1b.fcl.v1.FoundationModelInfo\x12\x12\n\nfm_matches\x18\x03 \x01(\x08\x12\x16\n\x0eserver_version\x18\x04 \x01(\t\x12\x1d\n\x15personal_head_version\x18\x05 \x01(\x03\"C\n\x19GetFoundationModelRequest\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x02 \x01(\t\"_\n\x14\x46oundationModelChunk\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x1b.fcl.v1.FoundationModelInfo\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"x\n\x0cUploadHeader\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x10\n\x08task_key\x18\x02 \x01(\t\x12\x12\n\ntask_index\x18\x03 \x01(\x05\x12\x11\n\tfm_digest\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\"\\\n\x16UploadKnowledgeRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.fcl.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"c\n\rUploadReceipt\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\"\xa9\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x1f\n\x05state\x18\x02 \x01(\x0e\x32\x10.fcl.v1.JobState\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0eglobal_version\x18\x04 \x01(\x03\x12\x18\n\x10personal_version\x18\x05 \x01(\x03\x12\x11\n\ttimestamp\x18\x06 \x01(\x01\x12\x16\n\x0equeue_position\x18\x07 \x01(\x05\"[\n\x13GetKnowledgeRequest\x12 \n\x05scope\x18\x01 \x01(\x0e\x32\x11.fcl.v1.HeadScope\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\tclient_id\x18\x03 \x01(\t\"\x99\x01\n\x0fKnowledgeHeader\x12 \n\x05scope\x18\x01 \x01(\x0e\x32\x11.fcl.v1.HeadScope\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x12\n\nnum_labels\x18\x06 \x01(\x05\x12\x0e\n\x06job_id\x18\x07 \x01(\x03\"W\n\x0eKnowledgeChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fcl.v1.KnowledgeHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\xa8\x01\n\x14ReportMetricsRequest\x12\x10\n\x08task_key\x18\x01 \x01(\t\x12\x12\n\ntask_index\x18\x02 \x01(\x05\x12:\n\x07metrics\x18\x03 \x03(\x0b\x32).fcl.v1.ReportMetricsRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\'\n\x15ReportMetricsResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x05\"$\n\x10GetStatusRequest\x12\x10\n\x08max_jobs\x18\x01 \x01(\x05\"\xd0\x01\n\x0c\x43lientStatus\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tlast_seen\x18\x02 \x01(\x01\x12\x18\n\x10personal_version\x18\x03 \x01(\x03\x12\x0f\n\x07uploads\x18\x04 \x01(\x05\x12;\n\x0clast_metrics\x18\x05 \x03(\x0b\x32%.fcl.v1.ClientStatus.LastMetricsEntry\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x82\x02\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x11\n\tupload_id\x18\x03 \x01(\t\x12\x10\n\x08task_key\x18\x04 \x01(\t\x12\x12\n\ntask_index\x18\x05 \x01(\x05\x12\x1f\n\x05state\x18\x06 \x01(\x0e\x32\x10.fcl.v1.JobState\x12\x16\n\x0eglobal_version\x18\x07 \x01(\x03\x12\x18\n\x10personal_version\x18\x08 \x01(\x03\x12\x0f\n\x07\x63reated\x18\t \x01(\x01\x12\x10\n\x08\x66inished\x18\n \x01(\x01\x12\x0f\n\x07message\x18\x0b \x01(\t\x12\x12\n\nduration_s\x18\x0c \x01(\x01\"\xf8\x01\n\x0cServerStatus\x12\x35\n\x10\x66oundation_model\x18\x01 \x01(\x0b\x32\x1b.fcl.v1.FoundationModelInfo\x12\x16\n\x0eglobal_version\x18\x02 \x01(\x03\x12\x12\n\nnum_labels\x18\x03 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x05\x12%\n\x07\x63lients\x18\x05 \x03(\x0b\x32\x14.fcl.v1.ClientStatus\x12\x1f\n\x04jobs\x18\x06 \x03(\x0b\x32\x11.fcl.v1.JobStatus\x12\x10\n\x08uptime_s\x18\x07 \x01(\x01\x12\x16\n\x0eserver_version\x18\x08 \x01(\t*\x96\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x12\n\x0eJOB_STATE_DONE\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x18\n\x14JOB_STATE_SUPERSEDED\x10\x05*W\n\tHeadScope\x12\x1a\n\x16HEAD_SCOPE_UNSPECIFIED\x10\x00\x12\x17\n\x13HEAD_SCOPE_PERSONAL\x10\x01\x12\x15\n\x11HEAD_SCOPE_GLOBAL\x10\x02\x32\xfb\x03\n\nFclService\x12=\n\x08Register\x12\x17.fcl.v1.RegisterRequest\x1a\x18.fcl.v1.RegisterResponse\x12W\n\x12GetFoundationModel\x12!.fcl.v1.GetFoundationModelRequest\x1a\x1c.fcl.v1.FoundationModelChunk0\x01\x12J\n\x0fUploadKnowledge\x12\x1e.fcl.v1.UploadKnowledgeRequest\x1a\x15.fcl.v1.UploadReceipt(\x01\x12\x37\n\x08WatchJob\x12\x17.fcl.v1.WatchJobRequest\x1a\x10.fcl.v1.JobEvent0\x01\x12\x45\n\x0cGetKnowledge\x12\x1b.fcl.v1.GetKnowledgeRequest\x1a\x16.fcl.v1.KnowledgeChunk0\x01\x12L\n\rReportMetrics\x12\x1c.fcl.v1.ReportMetricsRequest\x1a\x1d.fcl.v1.ReportMetricsResponse\x12;\n\tGetStatus\x12\x18.fcl.v1.GetStatusRequest\x1a\x14.fcl.v1.ServerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x66\x63l/v1/fcl.proto\x12\x06\x66\x63l.v1\"v\n\x13\x46oundationModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x03 \x01(\x05\x12\x14\n\x0c\x61rchive_size\x18\x04 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x05 \x01(\t\"h\n\x0fRegisterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tfm_digest\x18\x02 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x03 \x01(\t\x12\x17\n\x0fmodel_spec_json\x18\x04 \x01(\t\"\xa7\x01\n\x10RegisterResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x35\n\x10\x66oundation_model\x18\x02 \x01(\x0b\x32\x1b.fcl.v1.FoundationModelInfo\x12\x12\n\nfm_matches\x18\x03 \x01(\x08\x12\x16\n\x0eserver_version\x18\x04 \x01(\t\x12\x1d\n\x15personal_head_version\x18\x05 \x01(\x03\"C\n\x19GetFoundationModelRequest\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x02 \x01(\t\"_\n\x14\x46oundationModelChunk\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x1b.fcl.v1.FoundationModelInfo\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x88\x01\n\x0cUploadHeader\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x10\n\x08task_key\x18\x02 \x01(\t\x12\x12\n\ntask_index\x18\x03 \x01(\x05\x12\x11\n\tfm_digest\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x0e\n\x06offset\x18\x07 \x01(\x03\"\\\n\x16UploadKnowledgeRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.fcl.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"c\n\rUploadReceipt\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"+\n\x16GetUploadStatusRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\x91\x01\n\x0cUploadStatus\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ommitted_size\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x10\n\x08\x63omplete\x18\x05 \x01(\x08\x12&\n\x07receipt\x18\x06 \x01(\x0b\x32\x15.fcl.v1.UploadReceipt\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\"\xa9\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x1f\n\x05state\x18\x02 \x01(\x0e\x32\x10.fcl.v1.JobState\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0eglobal_version\x18\x04 \x01(\x03\x12\x18\n\x10personal_version\x18\x05 \x01(\x03\x12\x11\n\ttimestamp\x18\x06 \x01(\x01\x12\x16\n\x0equeue_position\x18\x07 \x01(\x05\"[\n\x13GetKnowledgeRequest\x12 \n\x05scope\x18\x01 \x01(\x0e\x32\x11.fcl.v1.HeadScope\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\tclient_id\x18\x03 \x01(\t\"\x99\x01\n\x0fKnowledgeHeader\x12 \n\x05scope\x18\x01 \x01(\x0e\x32\x11.fcl.v1.HeadScope\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x12\n\nnum_labels\x18\x06 \x01(\x05\x12\x0e\n\x06job_id\x18\x07 \x01(\x03\"W\n\x0eKnowledgeChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fcl.v1.KnowledgeHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\xa8\x01\n\x14ReportMetricsRequest\x12\x10\n\x08task_key\x18\x01 \x01(\t\x12\x12\n\ntask_index\x18\x02 \x01(\x05\x12:\n\x07metrics\x18\x03 \x03(\x0b\x32).fcl.v1.ReportMetricsRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\'\n\x15ReportMetricsResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x05\"$\n\x10GetStatusRequest\x12\x10\n\x08max_jobs\x18\x01 \x01(\x05\"\xd0\x01\n\x0c\x43lientStatus\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tlast_seen\x18\x02 \x01(\x01\x12\x18\n\x10personal_version\x18\x03 \x01(\x03\x12\x0f\n\x07uploads\x18\x04 \x01(\x05\x12;\n\x0clast_metrics\x18\x05 \x03(\x0b\x32%.fcl.v1.ClientStatus.LastMetricsEntry\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x82\x02\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\x03\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x11\n\tupload_id\x18\x03 \x01(\t\x12\x10\n\x08task_key\x18\x04 \x01(\t\x12\x12\n\ntask_index\x18\x05 \x01(\x05\x12\x1f\n\x05state\x18\x06 \x01(\x0e\x32\x10.fcl.v1.JobState\x12\x16\n\x0eglobal_version\x18\x07 \x01(\x03\x12\x18\n\x10personal_version\x18\x08 \x01(\x03\x12\x0f\n\x07\x63reated\x18\t \x01(\x01\x12\x10\n\x08\x66inished\x18\n \x01(\x01\x12\x0f\n\x07message\x18\x0b \x01(\t\x12\x12\n\nduration_s\x18\x0c \x01(\x01\"\xf8\x01\n\x0cServerStatus\x12\x35\n\x10\x66oundation_model\x18\x01 \x01(\x0b\x32\x1b.fcl.v1.FoundationModelInfo\x12\x16\n\x0eglobal_version\x18\x02 \x01(\x03\x12\x12\n\nnum_labels\x18\x03 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x05\x12%\n\x07\x63lients\x18\x05 \x03(\x0b\x32\x14.fcl.v1.ClientStatus\x12\x1f\n\x04jobs\x18\x06 \x03(\x0b\x32\x11.fcl.v1.JobStatus\x12\x10\n\x08uptime_s\x18\x07 \x01(\x01\x12\x16\n\x0eserver_version\x18\x08 \x01(\t*\x96\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x12\n\x0eJOB_STATE_DONE\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x18\n\x14JOB_STATE_SUPERSEDED\x10\x05*W\n\tHeadScope\x12\x1a\n\x16HEAD_SCOPE_UNSPECIFIED\x10\x00\x12\x17\n\x13HEAD_SCOPE_PERSONAL\x10\x01\x12\x15\n\x11HEAD_SCOPE_GLOBAL\x10\x02\x32\xc4\x04\n\nFclService\x12=\n\x08Register\x12\x17.fcl.v1.RegisterRequest\x1a\x18.fcl.v1.RegisterResponse\x12W\n\x12GetFoundationModel\x12!.fcl.v1.GetFoundationModelRequest\x1a\x1c.fcl.v1.FoundationModelChunk0\x01\x12J\n\x0fUploadKnowledge\x12\x1e.fcl.v1.UploadKnowledgeRequest\x1a\x15.fcl.v1.UploadReceipt(\x01\x12G\n\x0fGetUploadStatus\x12\x1e.fcl.v1.GetUploadStatusRequest\x1a\x14.fcl.v1.UploadStatus\x12\x37\n\x08WatchJob\x12\x17.fcl.v1.WatchJobRequest\x1a\x10.fcl.v1.JobEvent0\x01\x12\x45\n\x0cGetKnowledge\x12\x1b.fcl.v1.GetKnowledgeRequest\x1a\x16.fcl.v1.KnowledgeChunk0\x01\x12L\n\rReportMetrics\x12\x1c.fcl.v1.ReportMetricsRequest\x1a\x1d.fcl.v1.ReportMetricsResponse\x12;\n\tGetStatus\x12\x18.fcl.v1.GetStatusRequest\x1a\x14.fcl.v1.ServerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_CLIENTSTATUS_LASTMETRICSENTRY']._loaded_options = None
   _globals['_CLIENTSTATUS_LASTMETRICSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2426
-  _globals['_JOBSTATE']._serialized_end=2576
-  _globals['_HEADSCOPE']._serialized_start=2578
-  _globals['_HEADSCOPE']._serialized_end=2665
+  _globals['_JOBSTATE']._serialized_start=2636
+  _globals['_JOBSTATE']._serialized_end=2786
+  _globals['_HEADSCOPE']._serialized_start=2788
+  _globals['_HEADSCOPE']._serialized_end=2875
   _globals['_FOUNDATIONMODELINFO']._serialized_start=28
   _globals['_FOUNDATIONMODELINFO']._serialized_end=146
   _globals['_REGISTERREQUEST']._serialized_start=148
@@ -49,38 +49,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETFOUNDATIONMODELREQUEST']._serialized_end=491
   _globals['_FOUNDATIONMODELCHUNK']._serialized_start=493
   _globals['_FOUNDATIONMODELCHUNK']._serialized_end=588
-  _globals['_UPLOADHEADER']._serialized_start=590
-  _globals['_UPLOADHEADER']._serialized_end=710
-  _globals['_UPLOADKNOWLEDGEREQUEST']._serialized_start=712
-  _globals['_UPLOADKNOWLEDGEREQUEST']._serialized_end=804
-  _globals['_UPLOADRECEIPT']._serialized_start=806
-  _globals['_UPLOADRECEIPT']._serialized_end=905
-  _globals['_WATCHJOBREQUEST']._serialized_start=907
-  _globals['_WATCHJOBREQUEST']._serialized_end=940
-  _globals['_JOBEVENT']._serialized_start=943
-  _globals['_JOBEVENT']._serialized_end=1112
-  _globals['_GETKNOWLEDGEREQUEST']._serialized_start=1114
-  _globals['_GETKNOWLEDGEREQUEST']._serialized_end=1205
-  _globals['_KNOWLEDGEHEADER']._serialized_start=1208
-  _globals['_KNOWLEDGEHEADER']._serialized_end=1361
-  _globals['_KNOWLEDGECHUNK']._serialized_start=1363
-  _globals['_KNOWLEDGECHUNK']._serialized_end=1450
-  _globals['_REPORTMETRICSREQUEST']._serialized_start=1453
-  _globals['_REPORTMETRICSREQUEST']._serialized_end=1621
-  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_start=1575
-  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_end=1621
-  _globals['_REPORTMETRICSRESPONSE']._serialized_start=1623
-  _globals['_REPORTMETRICSRESPONSE']._serialized_end=1662
-  _globals['_GETSTATUSREQUEST']._serialized_start=1664
-  _globals['_GETSTATUSREQUEST']._serialized_end=1700
-  _globals['_CLIENTSTATUS']._serialized_start=1703
-  _globals['_CLIENTSTATUS']._serialized_end=1911
-  _globals['_CLIENTSTATUS_LASTMETRICSENTRY']._serialized_start=1861
-  _globals['_CLIENTSTATUS_LASTMETRICSENTRY']._serialized_end=1911
-  _globals['_JOBSTATUS']._serialized_start=1914
-  _globals['_JOBSTATUS']._serialized_end=2172
-  _globals['_SERVERSTATUS']._serialized_start=2175
-  _globals['_SERVERSTATUS']._serialized_end=2423
-  _globals['_FCLSERVICE']._serialized_start=2668
-  _globals['_FCLSERVICE']._serialized_end=3175
+  _globals['_UPLOADHEADER']._serialized_start=591
+  _globals['_UPLOADHEADER']._serialized_end=727
+  _globals['_UPLOADKNOWLEDGEREQUEST']._serialized_start=729
+  _globals['_UPLOADKNOWLEDGEREQUEST']._serialized_end=821
+  _globals['_UPLOADRECEIPT']._serialized_start=823
+  _globals['_UPLOADRECEIPT']._serialized_end=922
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_start=924
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_end=967
+  _globals['_UPLOADSTATUS']._serialized_start=970
+  _globals['_UPLOADSTATUS']._serialized_end=1115
+  _globals['_WATCHJOBREQUEST']._serialized_start=1117
+  _globals['_WATCHJOBREQUEST']._serialized_end=1150
+  _globals['_JOBEVENT']._serialized_start=1153
+  _globals['_JOBEVENT']._serialized_end=1322
+  _globals['_GETKNOWLEDGEREQUEST']._serialized_start=1324
+  _globals['_GETKNOWLEDGEREQUEST']._serialized_end=1415
+  _globals['_KNOWLEDGEHEADER']._serialized_start=1418
+  _globals['_KNOWLEDGEHEADER']._serialized_end=1571
+  _globals['_KNOWLEDGECHUNK']._serialized_start=1573
+  _globals['_KNOWLEDGECHUNK']._serialized_end=1660
+  _globals['_REPORTMETRICSREQUEST']._serialized_start=1663
+  _globals['_REPORTMETRICSREQUEST']._serialized_end=1831
+  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_start=1785
+  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_end=1831
+  _globals['_REPORTMETRICSRESPONSE']._serialized_start=1833
+  _globals['_REPORTMETRICSRESPONSE']._serialized_end=1872
+  _globals['_GETSTATUSREQUEST']._serialized_start=1874
+  _globals['_GETSTATUSREQUEST']._serialized_end=1910
+  _globals['_CLIENTSTATUS']._serialized_start=1913
+  _globals['_CLIENTSTATUS']._serialized_end=2121
+  _globals['_CLIENTSTATUS_LASTMETRICSENTRY']._serialized_start=2071
+  _globals['_CLIENTSTATUS_LASTMETRICSENTRY']._serialized_end=2121
+  _globals['_JOBSTATUS']._serialized_start=2124
+  _globals['_JOBSTATUS']._serialized_end=2382
+  _globals['_SERVERSTATUS']._serialized_start=2385
+  _globals['_SERVERSTATUS']._serialized_end=2633
+  _globals['_FCLSERVICE']._serialized_start=2878
+  _globals['_FCLSERVICE']._serialized_end=3458
 # @@protoc_insertion_point(module_scope)

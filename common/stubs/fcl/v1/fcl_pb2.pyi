@@ -235,6 +235,7 @@ class UploadHeader(_message.Message):
     FM_DIGEST_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
     upload_id: _builtins.str
     """client-chosen unique id (e.g. a UUID), the idempotency key"""
     task_key: _builtins.str
@@ -247,6 +248,10 @@ class UploadHeader(_message.Message):
     """total bytes of the package"""
     sha256: _builtins.str
     """sha256 of the package"""
+    offset: _builtins.int
+    """Byte of the package the chunks that follow start at. 0 starts over (dropping bytes held);
+    > 0 resumes: at most UploadStatus.committed_size, same size and sha256, else ABORTED.
+    """
     def __init__(
         self,
         *,
@@ -256,10 +261,11 @@ class UploadHeader(_message.Message):
         fm_digest: _builtins.str = ...,
         size: _builtins.int = ...,
         sha256: _builtins.str = ...,
+        offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fm_digest", b"fm_digest", "sha256", b"sha256", "size", b"size", "task_index", b"task_index", "task_key", b"task_key", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fm_digest", b"fm_digest", "offset", b"offset", "sha256", b"sha256", "size", b"size", "task_index", b"task_index", "task_key", b"task_key", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -321,6 +327,64 @@ class UploadReceipt(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UploadReceipt: _TypeAlias = UploadReceipt  # noqa: Y015
+
+@_typing.final
+class GetUploadStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    upload_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        upload_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUploadStatusRequest: _TypeAlias = GetUploadStatusRequest  # noqa: Y015
+
+@_typing.final
+class UploadStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    COMMITTED_SIZE_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
+    upload_id: _builtins.str
+    committed_size: _builtins.int
+    """bytes of the unfinished upload the server holds (0: none)"""
+    size: _builtins.int
+    """size and sha256 of the package those bytes belong to: resume only"""
+    sha256: _builtins.str
+    """when both equal the package being sent (else start over at 0)"""
+    complete: _builtins.bool
+    """the upload was accepted; `receipt` is its receipt"""
+    @_builtins.property
+    def receipt(self) -> Global___UploadReceipt: ...
+    def __init__(
+        self,
+        *,
+        upload_id: _builtins.str = ...,
+        committed_size: _builtins.int = ...,
+        size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        complete: _builtins.bool = ...,
+        receipt: Global___UploadReceipt | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_size", b"committed_size", "complete", b"complete", "receipt", b"receipt", "sha256", b"sha256", "size", b"size", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadStatus: _TypeAlias = UploadStatus  # noqa: Y015
 
 @_typing.final
 class WatchJobRequest(_message.Message):

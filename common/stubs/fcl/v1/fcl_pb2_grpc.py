@@ -49,6 +49,11 @@ class FclServiceStub:
                 request_serializer=fcl_dot_v1_dot_fcl__pb2.UploadKnowledgeRequest.SerializeToString,
                 response_deserializer=fcl_dot_v1_dot_fcl__pb2.UploadReceipt.FromString,
                 _registered_method=True)
+        self.GetUploadStatus = channel.unary_unary(
+                '/fcl.v1.FclService/GetUploadStatus',
+                request_serializer=fcl_dot_v1_dot_fcl__pb2.GetUploadStatusRequest.SerializeToString,
+                response_deserializer=fcl_dot_v1_dot_fcl__pb2.UploadStatus.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/fcl.v1.FclService/WatchJob',
                 request_serializer=fcl_dot_v1_dot_fcl__pb2.WatchJobRequest.SerializeToString,
@@ -91,6 +96,15 @@ class FclServiceServicer:
     def UploadKnowledge(self, request_iterator, context):
         """Upload a knowledge package: the first message is a header, then chunks of bytes.
         Idempotent by upload_id: repeating an upload returns the first receipt and queues no new job.
+        Resumable: the server keeps the bytes of a broken stream; GetUploadStatus tells how many, and a
+        new stream with UploadHeader.offset set to that number sends only the rest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUploadStatus(self, request, context):
+        """How far an upload got: bytes the server holds of it, or its receipt once it was accepted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,6 +155,11 @@ def add_FclServiceServicer_to_server(servicer, server):
                     servicer.UploadKnowledge,
                     request_deserializer=fcl_dot_v1_dot_fcl__pb2.UploadKnowledgeRequest.FromString,
                     response_serializer=fcl_dot_v1_dot_fcl__pb2.UploadReceipt.SerializeToString,
+            ),
+            'GetUploadStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUploadStatus,
+                    request_deserializer=fcl_dot_v1_dot_fcl__pb2.GetUploadStatusRequest.FromString,
+                    response_serializer=fcl_dot_v1_dot_fcl__pb2.UploadStatus.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
@@ -244,6 +263,33 @@ class FclService:
             '/fcl.v1.FclService/UploadKnowledge',
             fcl_dot_v1_dot_fcl__pb2.UploadKnowledgeRequest.SerializeToString,
             fcl_dot_v1_dot_fcl__pb2.UploadReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUploadStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fcl.v1.FclService/GetUploadStatus',
+            fcl_dot_v1_dot_fcl__pb2.GetUploadStatusRequest.SerializeToString,
+            fcl_dot_v1_dot_fcl__pb2.UploadStatus.FromString,
             options,
             channel_credentials,
             insecure,

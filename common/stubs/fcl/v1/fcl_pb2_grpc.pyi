@@ -44,7 +44,11 @@ class FclServiceStub:
     UploadKnowledge: _grpc.StreamUnaryMultiCallable[_fcl_pb2.UploadKnowledgeRequest, _fcl_pb2.UploadReceipt]
     """Upload a knowledge package: the first message is a header, then chunks of bytes.
     Idempotent by upload_id: repeating an upload returns the first receipt and queues no new job.
+    Resumable: the server keeps the bytes of a broken stream; GetUploadStatus tells how many, and a
+    new stream with UploadHeader.offset set to that number sends only the rest.
     """
+    GetUploadStatus: _grpc.UnaryUnaryMultiCallable[_fcl_pb2.GetUploadStatusRequest, _fcl_pb2.UploadStatus]
+    """How far an upload got: bytes the server holds of it, or its receipt once it was accepted."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_fcl_pb2.WatchJobRequest, _fcl_pb2.JobEvent]
     """Follow a distillation job until it reaches a final state (DONE, FAILED, SUPERSEDED)."""
     GetKnowledge: _grpc.UnaryStreamMultiCallable[_fcl_pb2.GetKnowledgeRequest, _fcl_pb2.KnowledgeChunk]
@@ -64,7 +68,11 @@ class FclServiceAsyncStub(FclServiceStub):
     UploadKnowledge: _aio.StreamUnaryMultiCallable[_fcl_pb2.UploadKnowledgeRequest, _fcl_pb2.UploadReceipt]  # type: ignore[assignment]
     """Upload a knowledge package: the first message is a header, then chunks of bytes.
     Idempotent by upload_id: repeating an upload returns the first receipt and queues no new job.
+    Resumable: the server keeps the bytes of a broken stream; GetUploadStatus tells how many, and a
+    new stream with UploadHeader.offset set to that number sends only the rest.
     """
+    GetUploadStatus: _aio.UnaryUnaryMultiCallable[_fcl_pb2.GetUploadStatusRequest, _fcl_pb2.UploadStatus]  # type: ignore[assignment]
+    """How far an upload got: bytes the server holds of it, or its receipt once it was accepted."""
     WatchJob: _aio.UnaryStreamMultiCallable[_fcl_pb2.WatchJobRequest, _fcl_pb2.JobEvent]  # type: ignore[assignment]
     """Follow a distillation job until it reaches a final state (DONE, FAILED, SUPERSEDED)."""
     GetKnowledge: _aio.UnaryStreamMultiCallable[_fcl_pb2.GetKnowledgeRequest, _fcl_pb2.KnowledgeChunk]  # type: ignore[assignment]
@@ -99,7 +107,17 @@ class FclServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_fcl_pb2.UploadReceipt, _abc.Awaitable[_fcl_pb2.UploadReceipt]]:
         """Upload a knowledge package: the first message is a header, then chunks of bytes.
         Idempotent by upload_id: repeating an upload returns the first receipt and queues no new job.
+        Resumable: the server keeps the bytes of a broken stream; GetUploadStatus tells how many, and a
+        new stream with UploadHeader.offset set to that number sends only the rest.
         """
+
+    @_abc_1.abstractmethod
+    def GetUploadStatus(
+        self,
+        request: _fcl_pb2.GetUploadStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fcl_pb2.UploadStatus, _abc.Awaitable[_fcl_pb2.UploadStatus]]:
+        """How far an upload got: bytes the server holds of it, or its receipt once it was accepted."""
 
     @_abc_1.abstractmethod
     def WatchJob(

@@ -1,0 +1,168 @@
+"""Flower comparison: one Flower round (server + one client, gRPC, loopback) vs one upload + download here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from benchmarks.perf.harness import package_of_size
+from benchmarks.perf.util import MB, median, timed
+from fcl_client.connection import Connection
+
+SCRIPT = Path(__file__).with_name("flower_round.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def find_flower_python(given: str | None) -> tuple[str | None, str]:
+    """An interpreter that can import flwr: --flower-python, $FCL_FLOWER_PYTHON, or this one; else why not."""
+    candidates = [c for c in (given, os.environ.get("FCL_FLOWER_PYTHON"), sys.executable) if c]
+    for python in candidates:
+        if shutil.which(python) or Path(python).exists():
+            probe = subprocess.run([python, "-c", "import flwr"], capture_output=True, text=True)
+            if probe.returncode == 0:
+                return python, ""
+    return None, (
+        "flwr is not importable by any of " + ", ".join(candidates) + ". Flower 1.42 needs protobuf<7 while "
+        "this project's stubs need protobuf 7, so install it into its own virtualenv "
+        "(python -m venv /tmp/flwr && /tmp/flwr/bin/pip install flwr==1.42.0) and pass --flower-python"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "GRPC_VERBOSITY": "ERROR", "OMP_NUM_THREADS": "1"}
+
+
+def flower_rounds(python: str, size_bytes: int, rounds: int, timeout: float = 600) -> dict[str, Any]:
+    """Start a Flower server and one client process; the server's per-round times (round 1 dropped)."""
+    port = _free_port()
+    args = ["--port", str(port), "--size-bytes", str(size_bytes), "--rounds", str(rounds + 1)]
+    server = subprocess.Popen(
+        [python, str(SCRIPT), "server", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=_env(),
+    )
+    client = subprocess.Popen(
+        [python, str(SCRIPT), "client", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+    )
+    try:
+        out, _ = server.communicate(timeout=timeout)
+        client.wait(timeout=60)
+    finally:
+        for proc in (server, client):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if server.returncode != 0 or not lines:
+        raise RuntimeError(f"the Flower server failed (exit {server.returncode})")
+    doc = json.loads(lines[-1])
+    doc["round_s"] = [r["seconds"] for r in doc["rounds"][1:]]  # round 1 warms the connection up
+    return doc
+
+
+class OurServerProcess:
+    """serve_proc.py in a child process: the same split into a server and a client process as Flower's."""
+
+    def __init__(self, root: Path, size_bytes: int, threads: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.perf.serve_proc", str(root), str(size_bytes), str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.close()
+            raise RuntimeError("the benchmark fcl-server process did not start")
+        self.info = json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def our_rounds(size_bytes: int, rounds: int, threads: int) -> dict[str, Any]:
+    """One upload (a valid package of `size_bytes`) plus one download of the same size, `rounds` + 1 times."""
+    with tempfile.TemporaryDirectory(prefix="fcl-perf-flower-") as tmp:
+        root = Path(tmp)
+        server = OurServerProcess(root, size_bytes, threads)
+        try:
+            info = server.info
+            data = package_of_size(info["fm_digest"], size_bytes)
+            with Connection(f"127.0.0.1:{info['port']}", info["token"], timeout=600) as conn:
+                conn.register("perf-client", info["fm_digest"])
+
+                def one_round() -> None:
+                    conn.upload(data, uuid.uuid4().hex, "task-0", 0, info["fm_digest"])
+                    conn.download_fm(root / "download.tar")
+                    (root / "download.tar").unlink()
+
+                times = [timed(one_round)[0] for _ in range(rounds + 1)][1:]
+        finally:
+            server.close()
+    return {"round_s": times, "bytes_up": len(data)}
+
+
+def run(sizes_mb: list[int], rounds: int, threads: int, flower_python: str | None) -> dict[str, Any]:
+    python, why = find_flower_python(flower_python)
+    result: dict[str, Any] = {
+        "what": (
+            "separate server and client processes on loopback, both sides; Flower: legacy gRPC transport "
+            "(flwr.server.start_server / flwr.client.start_client), one round = server sends float32 "
+            "arrays of the size, the client's fit() returns them; ours: Connection.upload of a valid "
+            "package of the size + Connection.download_fm of a blob of the same size (sha256-verified, to "
+            "disk); ratio = Flower round seconds / ours (>= 1: ours no slower); medians, first round dropped"
+        ),
+        "flower_python": python,
+        "sizes": [],
+    }
+    if python is None:
+        result["skipped"] = why
+        result["ratio_min"] = None
+        return result
+    for size_mb in sizes_mb:
+        size = size_mb * MB
+        flower = flower_rounds(python, size, rounds)
+        ours = our_rounds(size, rounds, threads)
+        flower_s, ours_s = median(flower["round_s"]), median(ours["round_s"])
+        result["flwr_version"] = flower.get("flwr")
+        result["sizes"].append(
+            {
+                "size_bytes": size,
+                "flower_round_s": flower_s,
+                "ours_round_s": ours_s,
+                "ratio": flower_s / ours_s,
+                "flower_runs_s": flower["round_s"],
+                "ours_runs_s": ours["round_s"],
+            }
+        )
+    result["ratio_min"] = min(s["ratio"] for s in result["sizes"])
+    return result

@@ -1,0 +1,81 @@
+"""Options of `fcl-server serve`: flags, FCL_* environment variables or a TOML file (common.settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from common.config import OBODConfig
+from common.fm import DEFAULT_FM
+from common.logs import LOG_LEVELS, LogFormat, log_level
+from common.settings import LayeredSettings, host_port
+from fcl_server.app import ServerConfig
+
+
+class ServeSettings(LayeredSettings):
+    """Every option of `fcl-server serve`; the order here is the order of --help and the example file."""
+
+    state_dir: Path = Field(description="database, blobs and caches live here", examples=["/var/lib/fcl"])
+    listen: str = Field("127.0.0.1:50051", description="HOST:PORT to bind (port 0 = any free)")
+    fm: str = Field(DEFAULT_FM, description="FM name (packaged default) or a local model directory")
+    public_corpus: Path | None = Field(
+        None,
+        description="unlabeled text file, one sentence per line (default: the built-in public split)",
+        examples=["/srv/fcl/public.txt"],
+    )
+    device: Literal["cpu", "cuda"] | None = Field(
+        None, description="cpu or cuda (default: cuda when available)", examples=["cpu"]
+    )
+    head_spec: str = Field(
+        OBODConfig.model_fields["head_spec"].default,
+        description="zoo spec of the FM heads, e.g. mlp:768:gelu",
+    )
+    port_file: Path | None = Field(
+        None, description="write the bound port here once serving", examples=["/run/fcl/port"]
+    )
+    tls_cert: Path | None = Field(
+        None, description="server certificate chain (PEM)", examples=["/etc/fcl/server.pem"]
+    )
+    tls_key: Path | None = Field(
+        None, description="server private key (PEM)", examples=["/etc/fcl/server.key"]
+    )
+    tls_client_ca: Path | None = Field(
+        None,
+        description="CA of client certificates: enables mutual TLS",
+        examples=["/etc/fcl/clients-ca.pem"],
+    )
+    insecure: bool = Field(False, description="allow plaintext on a non-loopback address")
+    uploads_per_minute: int = Field(60, ge=0, description="per-client upload rate (0: no limit)")
+    upload_mb_per_hour: int = Field(1024, ge=0, description="MiB a client may upload per hour (0: no limit)")
+    metrics_listen: str | None = Field(
+        None,
+        description="HOST:PORT serving Prometheus /metrics over plain HTTP (default: off)",
+        examples=["127.0.0.1:9100"],
+    )
+    dashboard_listen: str | None = Field(
+        None,
+        description="HOST:PORT of the read-only admin web dashboard (admin token; HTTPS with --tls-cert; "
+        "default: off)",
+        examples=["127.0.0.1:8080"],
+    )
+    log_level: str = Field("INFO", description=", ".join(LOG_LEVELS))
+    log_format: LogFormat = Field("text", description="text (for people) or json (one object per line)")
+
+    @field_validator("listen", "metrics_listen", "dashboard_listen")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        return None if value is None else host_port(value)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        return log_level(value)
+
+    def server_config(self) -> ServerConfig:
+        # unset options (None) fall back to ServerConfig's defaults, e.g. device = cuda when available
+        fields = self.model_dump(
+            exclude={"head_spec", "port_file", "log_level", "log_format"}, exclude_none=True
+        )
+        return ServerConfig(obod=OBODConfig(head_spec=self.head_spec), **fields)

@@ -1,0 +1,604 @@
+"""Deployment artefacts in deploy/: structure, and every command they run accepted by the real CLI parsers."""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+from common.datasets.cli import build_parser as data_parser
+from common.fm import FoundationModel
+from common.settings import LayeredSettings, given_flags, load_settings
+from common.tls import TLSFiles
+from common.zoo import parse_spec
+from fcl_client.cli import build_parser as client_parser
+from fcl_client.connection import Connection
+from fcl_client.settings import RunSettings
+from fcl_server.app import RunningServer
+from fcl_server.cli import build_parser as server_parser
+from fcl_server.settings import ServeSettings
+from tests.servers import inprocess_server
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+SYSTEMD = DEPLOY / "systemd"
+CLIENT_IDS = ["client-0", "client-1", "client-2"]
+
+
+def _load_healthcheck() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fcl_deploy_healthcheck", DEPLOY / "healthcheck.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+healthcheck = _load_healthcheck()
+PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+    "fcl-server": server_parser,
+    "fcl-client": client_parser,
+    "fcl-data": data_parser,
+    "healthcheck.py": healthcheck.build_parser,
+}
+
+
+def _options(parser: argparse.ArgumentParser, args: list[str]) -> set[str]:
+    """Option strings of the parser, or of the subcommand named first in `args`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and args and args[0] in action.choices:
+            parser = action.choices[args[0]]
+    return {s for action in parser._actions for s in action.option_strings}
+
+
+SETTINGS: dict[tuple[str, str], type[LayeredSettings]] = {
+    ("fcl-server", "serve"): ServeSettings,
+    ("fcl-client", "run"): RunSettings,
+}
+
+
+@contextlib.contextmanager
+def no_fcl_environment() -> Iterator[None]:
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("FCL_")}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def parse(argv: list[str]) -> Any:
+    """Parse `argv` (program first) with the real parser; flags must be spelled out, not abbreviated.
+
+    `fcl-server serve` and `fcl-client run` options are then validated by their settings classes
+    (types, ranges, required options), which are returned instead of the argparse namespace."""
+    prog, *args = argv
+    name = Path(prog).name
+    assert name in PARSERS, f"not an fcl command: {argv}"
+    parser = PARSERS[name]()
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            ns = parser.parse_args(args)
+    except SystemExit:
+        pytest.fail(f"{name} rejects {shlex.join(args)}: {err.getvalue().strip()}")
+    known = _options(parser, args)
+    flags = {a.split("=", 1)[0] for a in args if a.startswith("--")}
+    assert flags <= known, f"{name}: {sorted(flags - known)} are not flags of the real parser"
+    settings = SETTINGS.get((name, args[0] if args else ""))
+    if settings is None:
+        return ns
+    assert ns.config is None, "deploy files pass options as flags"
+    with no_fcl_environment():
+        return load_settings(settings, given_flags(ns, settings))
+
+
+SHELL_PREFIXES = ("do", "then", "else", "exec", "if", "until", "while", "!", "python", "python3")
+
+
+def shell_commands(script: str) -> list[list[str]]:
+    """The fcl commands a small POSIX shell script runs (one per line or separated by ; && || |)."""
+    found = []
+    for line in script.splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|<>")
+        lexer.whitespace_split = True
+        words: list[str] = []
+        for token in [*lexer, ";"]:
+            if token in (";", "&&", "||", "|", "&"):
+                while words and words[0] in SHELL_PREFIXES:
+                    words.pop(0)
+                if words and Path(words[0]).name in PARSERS:
+                    found.append(words)
+                words = []
+            else:
+                words.append(token)
+    # drop redirections: `> FILE`
+    return [[w for i, w in enumerate(c) if w not in "<>" and (i == 0 or c[i - 1] not in "<>")] for c in found]
+
+
+def expand(text: str, values: dict[str, str], pattern: str) -> str:
+    def sub(m: re.Match[str]) -> str:
+        assert m.group(1) in values, f"{m.group(1)} is not defined"
+        return values[m.group(1)]
+
+    return re.sub(pattern, sub, text)
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+# ---------------------------------------------------------------------------------------- Dockerfile
+
+
+def dockerfile() -> list[tuple[str, str, str]]:
+    """(stage, instruction, arguments) for every instruction, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
+    stage, out = "", []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instr, _, rest = line.partition(" ")
+        if instr.upper() == "FROM":
+            stage = rest.split(" AS ")[-1].strip() if " AS " in rest else rest
+        out.append((stage, instr.upper(), rest.strip()))
+    return out
+
+
+def stage_value(instr: str, stage: str) -> str:
+    """The last `instr` in effect for `stage` (stages built FROM another inherit it)."""
+    lines = dockerfile()
+    parents = {s: rest.split(" AS ")[0].strip() for s, i, rest in lines if i == "FROM"}
+    chain, s = [stage], stage
+    while parents.get(s) in parents:
+        s = parents[s]
+        chain.append(s)
+    for s in chain:
+        values = [rest for st, i, rest in lines if st == s and i == instr]
+        if values:
+            return values[-1]
+    raise AssertionError(f"no {instr} for stage {stage}")
+
+
+def exec_form(value: str) -> list[str]:
+    words = json.loads(value)
+    assert isinstance(words, list), value
+    return [str(w) for w in words]
+
+
+def test_dockerfile_installs_cpu_torch_before_the_project_and_runs_unprivileged() -> None:
+    lines = dockerfile()
+    assert lines[0][1:] == ("FROM", "python:3.11-slim AS base")
+    runs = [rest for _, instr, rest in lines if instr == "RUN"]
+    torch = [i for i, r in enumerate(runs) if "pip install" in r and "torch==2.13.0" in r]
+    project = [i for i, r in enumerate(runs) if re.search(r"pip install (--\S+ )*\.(\s|$)", r)]
+    assert torch and project and torch[0] < project[0], "torch==2.13.0 must be installed before the project"
+    assert "--index-url https://download.pytorch.org/whl/cpu" in runs[torch[0]]
+    for stage in ("server", "client"):
+        user = stage_value("USER", stage).split(":")[0]
+        assert user not in ("root", "0"), f"stage {stage} runs as root"
+    assert exec_form(stage_value("ENTRYPOINT", "server")) == ["fcl-server"]
+    assert exec_form(stage_value("ENTRYPOINT", "client")) == ["fcl-client"]
+    serve = parse(["fcl-server", *exec_form(stage_value("CMD", "server"))])
+    assert serve.tls_cert == Path("/certs/server.pem") and serve.tls_client_ca == Path("/certs/ca.pem")
+    check = stage_value("HEALTHCHECK", "server")
+    assert "--start-period" in check
+    probe = exec_form(check.split(" CMD ", 1)[1])
+    assert probe[:2] == ["python", "/opt/fcl/healthcheck.py"]
+    parse(["healthcheck.py", *probe[2:]])
+
+
+def test_dockerfile_copies_only_what_exists_and_dockerignore_keeps_the_context_small() -> None:
+    for _, instr, rest in dockerfile():
+        if instr == "COPY" and not rest.startswith("--from"):
+            for src in rest.split()[:-1]:
+                assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".venv", ".cache", "demo-output", "benchmarks/results", ".git"} <= ignored
+
+
+# ---------------------------------------------------------------------------------------- compose
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def service_argv(compose: dict[str, Any], name: str) -> list[list[str]]:
+    """The commands a compose service runs: entrypoint (or its image stage's) + command, shells read."""
+    svc = compose["services"][name]
+    entrypoint = svc.get("entrypoint") or exec_form(stage_value("ENTRYPOINT", svc["build"]["target"]))
+    command = svc.get("command") or []
+    if entrypoint[0] == "sh":
+        assert len(command) == 1, f"{name}: a shell entrypoint takes one script"
+        return shell_commands(command[0].replace("$$", "$"))
+    return [[*entrypoint, *command]]
+
+
+def test_compose_runs_a_server_and_three_clients_with_different_models(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    clients = sorted(n for n in services if service_argv(compose, n)[0][:2] == ["fcl-client", "run"])
+    assert clients == CLIENT_IDS
+    server = parse(service_argv(compose, "fcl-server")[0])
+    models = {}
+    for name in clients:
+        argv = service_argv(compose, name)[0]
+        args = parse(argv)
+        assert args.client_id == name
+        assert args.server == f"fcl-server:{server.listen.rsplit(':', 1)[1]}"
+        assert args.token is None and args.token_file == Path(f"/secrets/{name}.token")
+        assert "--token" not in argv
+        models[name] = repr(parse_spec(args.model))
+        assert args.stream == Path(f"/data/split/clients/{name}")
+        mounts = {m.split(":")[1]: m.split(":")[0] for m in services[name]["volumes"]}
+        assert mounts["/var/lib/fcl-client"] == f"{name}-work" and str(args.work_dir) == "/var/lib/fcl-client"
+        assert {"/data", "/secrets", "/certs"} <= set(mounts)
+        assert (args.tls_ca, args.tls_cert, args.tls_key) == (
+            Path("/certs/ca.pem"),
+            Path(f"/certs/{name}.pem"),
+            Path(f"/certs/{name}.key"),
+        )
+        assert services[name]["depends_on"]["fcl-server"]["condition"] == "service_healthy"
+        for step in ("data", "enroll"):
+            assert services[name]["depends_on"][step]["condition"] == "service_completed_successfully"
+    assert len(set(models.values())) == 3, f"the clients' small models should differ: {models}"
+
+
+def test_compose_server_keeps_state_in_a_named_volume_and_is_health_checked(compose: dict[str, Any]) -> None:
+    svc = compose["services"]["fcl-server"]
+    args = parse(service_argv(compose, "fcl-server")[0])
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in svc["volumes"]}
+    assert mounts[str(args.state_dir)] == "server-state"
+    used = {m.split(":")[0] for s in compose["services"].values() for m in s.get("volumes", [])}
+    assert used <= set(compose["volumes"])
+    assert (args.tls_cert, args.tls_key, args.tls_client_ca) == (
+        Path("/certs/server.pem"),
+        Path("/certs/server.key"),
+        Path("/certs/ca.pem"),
+    )
+    test = svc["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "/opt/fcl/healthcheck.py"]
+    probe = parse(["healthcheck.py", *test[3:]])
+    assert probe.target.rsplit(":", 1)[1] == args.listen.rsplit(":", 1)[1]
+    assert probe.tls_dir == Path("/certs")
+    metrics = args.metrics_listen.rsplit(":", 1)[1]
+    assert f"127.0.0.1:{metrics}:{metrics}" in svc["ports"]
+    assert svc["depends_on"]["enroll"]["condition"] == "service_completed_successfully"
+
+
+def test_compose_init_steps_make_certificates_data_and_tokens(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    certs = service_argv(compose, "certs")[0]
+    assert certs[0] == "/opt/fcl/make-certs.sh"
+    assert certs[2] == "fcl-server", "the server certificate must name the host the clients dial"
+    assert set(certs[3:]) == {*CLIENT_IDS, "healthcheck"}
+    data = parse(service_argv(compose, "data")[0])
+    assert (data.command, data.clients, data.out) == ("builtin", 3, Path("/data/split"))
+    enrolls = service_argv(compose, "enroll")
+    assert all(parse(argv).command == "enroll" for argv in enrolls)
+    script = services["enroll"]["command"][0]
+    assert "--state-dir /var/lib/fcl" in script and "/secrets/$$id.token" in script
+    assert all(cid in script for cid in CLIENT_IDS)
+    assert "server-state:/var/lib/fcl" in services["enroll"]["volumes"]
+
+
+# ---------------------------------------------------------------------------------------- Kubernetes
+
+API_VERSIONS = {
+    "Namespace": "v1",
+    "ConfigMap": "v1",
+    "Secret": "v1",
+    "Service": "v1",
+    "StatefulSet": "apps/v1",
+    "Job": "batch/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
+}
+
+
+@pytest.fixture(scope="module")
+def k8s() -> dict[tuple[str, str], dict[str, Any]]:
+    objects = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                objects[(doc["kind"], doc["metadata"]["name"])] = doc
+    return objects
+
+
+def container_argv(container: dict[str, Any], config: dict[str, str]) -> list[str]:
+    """command/args with $(VAR) expanded from the container's env (literal or ConfigMap key)."""
+    env = {}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            env[var["name"]] = config[var["valueFrom"]["configMapKeyRef"]["key"]]
+    words = [*container.get("command", []), *container.get("args", [])]
+    return [expand(w, env, r"\$\(([A-Z_][A-Z0-9_]*)\)") for w in words]
+
+
+def test_k8s_kinds_api_versions_and_namespace(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
+    assert {kind for kind, _ in k8s} == set(API_VERSIONS)
+    for (kind, name), obj in k8s.items():
+        assert obj["apiVersion"] == API_VERSIONS[kind], f"{kind}/{name}"
+        if kind != "Namespace":
+            assert obj["metadata"]["namespace"] == "fcl", f"{kind}/{name}"
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.yaml"}
+
+
+def test_k8s_server_statefulset_keeps_state_on_a_claim_and_probes_grpc_health(
+    k8s: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    sts = k8s[("StatefulSet", "fcl-server")]["spec"]
+    config = k8s[("ConfigMap", "fcl-config")]["data"]
+    pod = sts["template"]["spec"]
+    (container,) = pod["containers"]
+    argv = container_argv(container, config)
+    args = parse(["fcl-server", *argv])
+    port = int(args.listen.rsplit(":", 1)[1])
+    (claim,) = sts["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == str(args.state_dir)
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == port, probe
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["terminationGracePeriodSeconds"] >= 130  # drain + the worker's 120 s to re-queue a job
+    labels = sts["template"]["metadata"]["labels"]
+    assert sts["selector"]["matchLabels"].items() <= labels.items()
+    assert k8s[("Service", sts["serviceName"])]["spec"]["clusterIP"] == "None"
+    service = k8s[("Service", "fcl-server")]["spec"]
+    assert service["selector"].items() <= labels.items()
+    ports = {p["name"]: p for p in service["ports"]}
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["grpc"]["port"] == port and container_ports[ports["grpc"]["targetPort"]] == port
+    metrics = int(args.metrics_listen.rsplit(":", 1)[1])
+    assert container_ports[ports["metrics"]["targetPort"]] == metrics
+    assert sts["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(metrics)
+
+
+def test_k8s_client_jobs_use_the_token_secret_and_reach_the_service(
+    k8s: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    config = k8s[("ConfigMap", "fcl-config")]["data"]
+    secret = k8s[("Secret", "fcl-client-tokens")]
+    jobs = [obj for (kind, _), obj in k8s.items() if kind == "Job"]
+    models, ids = set(), set()
+    for job in jobs:
+        pod = job["spec"]["template"]["spec"]
+        assert pod["restartPolicy"] in ("OnFailure", "Never")
+        (container,) = pod["containers"]
+        args = parse(["fcl-client", *container_argv(container, config)])
+        ids.add(args.client_id)
+        models.add(repr(parse_spec(args.model)))
+        host, port = args.server.rsplit(":", 1)
+        assert host.split(".")[0] == "fcl-server" and int(port) == 50051
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        token = volumes[mounts[str(args.token_file.parent)]]["secret"]
+        assert token["secretName"] == secret["metadata"]["name"]
+        assert token["items"] == [{"key": args.client_id, "path": args.token_file.name}]
+        assert token["defaultMode"] & 0o040, "the token must be readable by the pod's fsGroup"
+        data = [c for c in pod["initContainers"] if c["command"] == ["fcl-data"]]
+        (split,) = [parse(["fcl-data", *c["args"]]) for c in data]
+        assert args.stream == split.out / "clients" / args.client_id
+        (wait,) = [c for c in pod["initContainers"] if c["command"][0] == "sh"]
+        (probe,) = shell_commands(container_argv(wait, config)[2])
+        assert parse(probe).target == args.server
+    assert ids == set(CLIENT_IDS) == set(secret["stringData"])
+    assert len(models) == len(jobs) == 3
+
+
+def test_k8s_kustomize_build_when_kubectl_is_installed() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    kinds = [doc["kind"] for doc in yaml.safe_load_all(out.stdout) if doc]
+    assert kinds.count("Job") == 3 and "StatefulSet" in kinds
+
+
+# ---------------------------------------------------------------------------------------- systemd
+
+SPECIFIERS = {"%S": "/var/lib", "%C": "/var/cache", "%d": "/run/credentials/unit", "%i": "edge-17"}
+
+
+def unit(name: str) -> tuple[configparser.ConfigParser, dict[str, list[str]]]:
+    """The unit as INI (last value wins) and every value of each [Service] key (repeatable keys)."""
+    text = re.sub(r"\\\n\s*", " ", (SYSTEMD / name).read_text())
+    ini = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    ini.optionxform = str  # type: ignore[assignment,method-assign]
+    ini.read_string(text)
+    values: dict[str, list[str]] = {}
+    section = ""
+    for line in text.splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif section == "Service" and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            values.setdefault(key, []).append(value)
+    return ini, values
+
+
+def exec_start(ini: configparser.ConfigParser, env: dict[str, str]) -> list[str]:
+    line = ini["Service"]["ExecStart"]
+    for spec, value in SPECIFIERS.items():
+        line = line.replace(spec, value)
+    return shlex.split(expand(line, env, r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}"))
+
+
+@pytest.mark.parametrize("name", ["fcl-server.service", "fcl-client@.service"])
+def test_systemd_units_are_hardened_and_stop_gracefully(name: str) -> None:
+    ini, values = unit(name)
+    service = ini["Service"]
+    for key, expected in {
+        "Restart": "on-failure",
+        "KillSignal": "SIGTERM",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "PrivateTmp": "yes",
+        "CapabilityBoundingSet": "",
+    }.items():
+        assert service.get(key) == expected, f"{name}: {key}"
+    assert int(service["TimeoutStopSec"]) >= 30
+    assert service.get("DynamicUser") == "yes" or service.get("User") not in (None, "root")
+    assert service["StateDirectory"]
+    assert ini["Install"]["WantedBy"] == "multi-user.target"
+    credentials = {v.split(":", 1)[0] for v in values["LoadCredential"]}
+    used = set(re.findall(r"%d/([\w.-]+)", service["ExecStart"]))
+    assert used == credentials, f"{name}: credentials used {used} vs loaded {credentials}"
+
+
+def test_systemd_server_unit_command_is_accepted() -> None:
+    ini, _ = unit("fcl-server.service")
+    argv = exec_start(ini, {})
+    assert argv[1] == "serve"
+    args = parse(argv)
+    assert args.state_dir == Path("/var/lib") / ini["Service"]["StateDirectory"]
+    assert args.tls_cert and args.tls_key and args.tls_client_ca
+    assert int(ini["Service"]["TimeoutStopSec"]) >= 130  # drain + the worker's 120 s to re-queue a job
+
+
+def test_systemd_client_unit_command_is_accepted_with_the_example_environment() -> None:
+    ini, values = unit("fcl-client@.service")
+    env = dict(
+        line.split("=", 1)
+        for line in (SYSTEMD / "client.env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    argv = exec_start(ini, env)
+    assert argv[1] == "run"
+    args = parse(argv)
+    assert args.client_id == "edge-17"
+    parse_spec(args.model)
+    assert args.token is None and args.token_file == Path("/run/credentials/unit/token")
+    assert "token:/etc/fcl/clients/%i.token" in values["LoadCredential"]
+    state_dir = ini["Service"]["StateDirectory"].replace("%i", "edge-17")
+    assert args.work_dir == Path("/var/lib") / state_dir
+    assert ini["Service"]["EnvironmentFile"] == "/etc/fcl/client-%i.env"
+
+
+def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    bindir = Path(shutil.which("fcl-server") or ROOT / ".venv/bin/fcl-server").parent
+    if analyze is None or not (bindir / "fcl-client").exists():
+        pytest.skip("systemd-analyze or the installed fcl commands are missing")
+    for name in ("fcl-server.service", "fcl-client@.service"):
+        text = (SYSTEMD / name).read_text().replace("/opt/fcl/bin", str(bindir))
+        (tmp_path / name).write_text(text)
+    (tmp_path / "fcl-client@edge-17.service").write_text((tmp_path / "fcl-client@.service").read_text())
+    out = subprocess.run(
+        [analyze, "verify", "--man=no", "fcl-server.service", "fcl-client@edge-17.service"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    complaints = [line for line in out.stderr.splitlines() if "fcl-" in line]
+    assert out.returncode == 0 and not complaints, out.stderr
+
+
+# ---------------------------------------------------------------------------------------- certificates
+
+
+def openssl(*args: str, cwd: Path) -> str:
+    return subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def x509(cert: Path, *args: str) -> str:
+    return openssl("x509", "-in", cert.name, "-noout", *args, cwd=cert.parent)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("certs") / "pki"
+    names = "fcl.example.internal,10.9.8.7"
+    subprocess.run([DEPLOY / "make-certs.sh", out, names, "client-0", "healthcheck"], check=True, timeout=60)
+    return out
+
+
+def test_make_certs_chain_to_the_ca_with_server_sans(certs: Path) -> None:
+    leaves = ("server.pem", "client-0.pem", "healthcheck.pem")
+    assert openssl("verify", "-CAfile", "ca.pem", *leaves, cwd=certs).count(": OK") == 3
+    sans = x509(certs / "server.pem", "-ext", "subjectAltName")
+    for san in ("DNS:localhost", "IP Address:127.0.0.1", "DNS:fcl.example.internal", "IP Address:10.9.8.7"):
+        assert san in sans
+    assert "TLS Web Server Authentication" in x509(certs / "server.pem", "-text")
+    client = x509(certs / "client-0.pem", "-subject", "-ext", "extendedKeyUsage")
+    assert "CN=client-0" in client.replace(" ", "") and "TLS Web Client Authentication" in client
+    for key in ("ca.key", "server.key", "client-0.key"):
+        assert (certs / key).stat().st_mode & 0o077 == 0, f"{key} is readable by others"
+
+
+def test_make_certs_rerun_keeps_what_chains_and_rejects_bad_ids(certs: Path, tmp_path: Path) -> None:
+    before = {p.name: p.read_bytes() for p in certs.iterdir()}
+    out = subprocess.run(
+        [str(DEPLOY / "make-certs.sh"), str(certs), "fcl.example.internal,10.9.8.7", "client-0", "client-1"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "kept" in out and "client-1.pem" in out
+    assert all((certs / name).read_bytes() == data for name, data in before.items())
+    bad = subprocess.run(
+        [str(DEPLOY / "make-certs.sh"), str(tmp_path / "x"), "srv", "../evil"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "bad client id" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def mtls_server(
+    certs: Path, fm: FoundationModel, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    server = inprocess_server(
+        tmp_path_factory.mktemp("mtls"),
+        fm,
+        tls_cert=certs / "server.pem",
+        tls_key=certs / "server.key",
+        tls_client_ca=certs / "ca.pem",
+    )
+    server.state.add_token("tok-0", "client-0", False)
+    yield server
+    server.stop(grace=1)
+
+
+def test_certificates_serve_mutual_tls_register_and_health(mtls_server: RunningServer, certs: Path) -> None:
+    port = mtls_server.port
+    mutual = TLSFiles(cert=certs / "client-0.pem", key=certs / "client-0.key", ca=certs / "ca.pem")
+    with Connection(f"localhost:{port}", "tok-0", tls=mutual) as conn:
+        assert conn.register("client-0", "").client_id == "client-0"
+    assert healthcheck.main(["--tls-dir", str(certs), f"127.0.0.1:{port}"]) == 0
+    # without a client certificate the mutual-TLS server refuses the handshake
+    assert healthcheck.main(["--tls-ca", str(certs / "ca.pem"), "--timeout", "2", f"127.0.0.1:{port}"]) == 1
+
+
+def test_healthcheck_fails_when_nothing_listens(tmp_path: Path) -> None:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert healthcheck.main(["--timeout", "1", "--tls-dir", str(tmp_path), f"127.0.0.1:{port}"]) == 1
