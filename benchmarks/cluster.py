@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,6 +54,18 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def metrics_port(self, wait_s: float = 30.0) -> int | None:
+        """The port of `--metrics-listen` as the server printed it (None: not serving metrics)."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            found = re.search(r"metrics on port (\d+)", self.log_path.read_text(errors="replace"))
+            if found:
+                return int(found[1])
+            if self.proc.poll() is not None:
+                return None
+            time.sleep(0.1)
+        return None
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

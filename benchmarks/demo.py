@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class ClusterRun:
     num_tasks: int
     wall_s: float
     exit_codes: dict[str, int] = field(default_factory=dict)
+    metrics: str = ""  # the server's /metrics text, scraped before it stopped ("" when not served)
 
 
 def split_builtin(out: Path, tasks: int, clients: int, seed: int) -> Path:
@@ -79,6 +81,11 @@ def run_cluster(
     admin = enroll(state, "demo-admin", admin=True)
     server = start_server(state, work / "logs" / "server.log", *(server_args or []))
     say(f"fcl-server on {server.target}; clients: {', '.join(client_ids)}")
+    metrics_url = None
+    if "--metrics-listen" in (server_args or []):
+        port = server.metrics_port()
+        metrics_url = f"http://127.0.0.1:{port}/metrics" if port else None
+        say(f"Prometheus metrics while it runs: curl -s {metrics_url}")
     try:
         procs = {
             c: start_client(
@@ -97,11 +104,29 @@ def run_cluster(
         for c in client_ids:
             say((work / "logs" / f"{c}.log").read_text(errors="replace").rstrip())
         global_rows, global_final, num_tasks = evaluate_global(server, admin, data, work / "cache")
+        metrics = scrape(metrics_url) if metrics_url else ""
     finally:
         codes_server = server.stop()
     codes["server"] = codes_server
     records = {c: _read_records(work / "clients" / c / "metrics.json") for c in client_ids}
-    return ClusterRun(records, global_rows, global_final, num_tasks, time.perf_counter() - started, codes)
+    wall = time.perf_counter() - started
+    return ClusterRun(records, global_rows, global_final, num_tasks, wall, codes, metrics)
+
+
+def scrape(url: str) -> str:
+    """The server's Prometheus exposition text (what `curl URL` prints)."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def nonzero_counters(text: str) -> list[str]:
+    """The `fcl_` counter samples with a value above 0 (`_total` lines), as exposition lines."""
+    lines = []
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if line.startswith("fcl_") and name.split("{")[0].endswith("_total") and float(value) > 0:
+            lines.append(line)
+    return lines
 
 
 def evaluate_global(
@@ -203,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--metrics-listen",
+        default="127.0.0.1:0",
+        help="where the server serves Prometheus metrics (port 0: any free port; '' for none)",
+    )
     args = parser.parse_args(argv)
 
     work = args.out / "work"
@@ -214,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         work,
         DEMO_SPECS,
         client_args=["--seed", str(args.seed)],
-        server_args=["--public-corpus", str(data / "public.txt")],
+        server_args=["--public-corpus", str(data / "public.txt")]
+        + (["--metrics-listen", args.metrics_listen] if args.metrics_listen else []),
     )
     entry = result_entry(run, "ours", args.seed)
     report = {
@@ -226,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
     print_table(entry, run.num_tasks)
+    if run.metrics:
+        (args.out / "metrics.txt").write_text(run.metrics)
+        counters = nonzero_counters(run.metrics)
+        print(f"\nnon-zero fcl_ counters scraped from /metrics before shutdown ({args.out / 'metrics.txt'}):")
+        print("\n".join(f"  {line}" for line in counters))
     print(
         f"\nprocess exit codes: {run.exit_codes}; wall {run.wall_s:.1f}s; report: {args.out / 'report.json'}"
     )

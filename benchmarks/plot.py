@@ -7,6 +7,7 @@ module keeps the benchmark command and re-exports its functions.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,18 +62,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", type=Path, default=None, help="output folder (default: FILE stem + '-plots' beside FILE)"
     )
     args = parser.parse_args(argv)
+    out_dir = args.out if args.out is not None else default_out_dir(args.file)
+    perf = _perf_doc(args.file)
+    if perf is not None:  # a `python -m benchmarks.perf` document: cost curves
+        from benchmarks.perf.plots import render_perf
+
+        for path in render_perf(perf, out_dir):
+            print(path)
+        return 0
     try:
         doc = load_results(args.file)
     except (OSError, ResultFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    written = render(doc, args.out if args.out is not None else default_out_dir(args.file))
+    written = render(doc, out_dir)
     if not written:
         print("error: no method has an accuracy matrix; nothing plotted", file=sys.stderr)
         return 1
     for path in written:
         print(path)
     return 0
+
+
+def _perf_doc(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # load_results says what is wrong
+    from benchmarks.perf.plots import is_perf_doc
+
+    return doc if isinstance(doc, dict) and is_perf_doc(doc) else None
 
 
 if __name__ == "__main__":

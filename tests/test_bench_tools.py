@@ -241,3 +241,23 @@ def test_heatmaps_with_all_null_and_ragged_matrices(tmp_path: Path) -> None:
     assert plot.plot_accuracy_curves(doc, tmp_path / "curves.png") == tmp_path / "curves.png"
     assert plot.plot_accuracy_curves({"results": [{"method": "x", "seed": 0}]}, tmp_path / "none.png") is None
     assert table.markdown_table(doc).count("| odd/name |") == 1
+
+
+def test_demo_lists_exactly_the_nonzero_fcl_counters() -> None:
+    from benchmarks.demo import nonzero_counters
+
+    text = "\n".join(
+        [
+            "# HELP fcl_jobs_total Distillation jobs finished",
+            'fcl_jobs_total{outcome="done"} 9.0',
+            'fcl_jobs_total{outcome="failed"} 0.0',
+            'fcl_rpc_handled_total{code="OK",method="Register",service="fcl.v1.FclService"} 3.0',
+            'fcl_rpc_duration_seconds_count{code="OK",method="Register"} 3.0',
+            "fcl_queue_depth 2.0",
+            "python_gc_objects_collected_total 12.0",
+        ]
+    )
+    assert nonzero_counters(text) == [
+        'fcl_jobs_total{outcome="done"} 9.0',
+        'fcl_rpc_handled_total{code="OK",method="Register",service="fcl.v1.FclService"} 3.0',
+    ]

@@ -1,0 +1,165 @@
+"""`python -m benchmarks.perf [--quick] --out FILE`: every performance figure beside its reference, one run.
+
+Parts: transfer (vs a plain grpcio echo), Flower (vs one Flower round), feature extraction (vs the
+matmul compute limit), OBOD job time (cost model), concurrency (many clients at once) and client cost
+(SMCF per task on CLINC150). Each part's reference is measured in the same run, so ratios hold on a
+noisy machine. Writes one JSON document whose top-level keys are the headline numbers and `goals`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.perf import concurrency, fe, flower, jobs, transfer
+from benchmarks.perf.util import load_average, machine_info, torch_threads
+from common.fm import FoundationModel
+
+ROOT = Path(__file__).resolve().parents[2]
+PARTS = ("transfer", "flower", "fe", "jobs", "concurrency", "client")
+
+
+def plan(quick: bool) -> dict[str, Any]:
+    """What each part measures; --quick keeps every headline key but measures fewer points."""
+    if quick:
+        return {
+            "transfer": {"sizes_mb": [1, 16], "repeat": 1},
+            "flower": {"sizes_mb": [1, 16], "rounds": 2},
+            "fe": {"batches": [64], "seq_lens": [32], "budget_tokens": 32 * 512, "repeat": 1},
+            "jobs": {"corpus_sizes": [1_000, 15_000], "label_counts": [30, 150], "repeat": 1},
+            "concurrency": {"counts": [10, 200], "settle_s": 5.0},
+            "client": {"max_tasks": 1},
+        }
+    return {
+        "transfer": {"sizes_mb": [1, 16, 256], "repeat": 3},
+        "flower": {"sizes_mb": [1, 16, 256], "rounds": 3},
+        "fe": {
+            "batches": [1, 16, 64, 128],
+            "seq_lens": [16, 32, 64],
+            "budget_tokens": 64 * 1024,
+            "repeat": 3,
+        },
+        "jobs": {"corpus_sizes": [1_000, 4_000, 15_000], "label_counts": [30, 150, 600], "repeat": 2},
+        "concurrency": {"counts": [10, 50, 200], "settle_s": 20.0},
+        "client": {"max_tasks": 1_000},
+    }
+
+
+def run_client_cost(data: Path, max_tasks: int, threads: int) -> dict[str, Any]:
+    """benchmarks.perf.client_cost in a child process (its peak RSS is a client's, not ours)."""
+    if not (data / "data_full.json").exists():
+        return {"skipped": f"no CLINC150 data at {data}"}
+    with tempfile.TemporaryDirectory(prefix="fcl-perf-client-") as tmp:
+        out = Path(tmp) / "client.json"
+        cmd = [sys.executable, "-m", "benchmarks.perf.client_cost", "--data", str(data), "--out", str(out)]
+        cmd += ["--max-tasks", str(max_tasks), "--threads", str(threads)]
+        subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+
+
+def headline(parts: dict[str, Any]) -> dict[str, Any]:
+    """The top-level numbers the issue asks for (None where a part was skipped)."""
+    bursts = {b["clients"]: b for b in parts.get("concurrency", {}).get("bursts", [])}
+    c200 = bursts.get(200, {})
+    return {
+        "transfer_ratio_vs_raw": parts.get("transfer", {}).get("ratio_min"),
+        "transfer_ratio_vs_flower": parts.get("flower", {}).get("ratio_min"),
+        "fe_ratio_vs_limit": parts.get("fe", {}).get("ratio_min_batch_ge_64"),
+        "obod_job_s_15k_150": parts.get("jobs", {}).get("job_s_15k_150"),
+        "concurrency_200_p99_s": c200.get("p99_s"),
+        "concurrency_200_errors": c200.get("errors"),
+        "client_smcf_s_per_task": parts.get("client", {}).get("smcf_s_per_task_median"),
+        "client_peak_rss_mb": parts.get("client", {}).get("peak_rss_mb"),
+    }
+
+
+GOALS = {
+    "transfer_ratio_vs_raw": (">=", 0.9),
+    "transfer_ratio_vs_flower": (">=", 1.0),
+    "fe_ratio_vs_limit": (">=", 0.5),
+    "obod_job_s_15k_150": ("<=", 5.0),
+    "concurrency_200_p99_s": ("<=", 2.0),
+    "concurrency_200_errors": ("<=", 0),
+}
+
+
+def goals(numbers: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, (op, bound) in GOALS.items():
+        value = numbers.get(key)
+        met = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        out[key] = {"goal": f"{op} {bound}", "value": value, "met": met}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.perf", description=__doc__)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/perf.json")
+    parser.add_argument("--quick", action="store_true", help="fewer points, same keys (a few minutes)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/clinc150", help="CLINC150")
+    parser.add_argument("--flower-python", help="an interpreter with flwr installed (own virtualenv)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    wanted = [p for p in args.parts.split(",") if p]
+    if unknown := sorted(set(wanted) - set(PARTS)):
+        parser.error(f"unknown parts {unknown}; known: {', '.join(PARTS)}")
+    settings = plan(args.quick)
+    doc: dict[str, Any] = {
+        "command": "python -m benchmarks.perf " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "quick": args.quick,
+        "machine": machine_info(args.threads),
+        "plan": {p: settings[p] for p in wanted},
+    }
+    parts: dict[str, Any] = {}
+
+    def save() -> None:
+        numbers = headline(parts)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**numbers, "goals": goals(numbers), **doc, **parts}, indent=1))
+
+    fm: FoundationModel | None = None
+
+    def the_fm() -> FoundationModel:  # loaded once, only by the parts that need it
+        nonlocal fm
+        fm = fm or FoundationModel(device="cpu")
+        return fm
+
+    with torch_threads(args.threads):
+        for part in wanted:
+            started = time.perf_counter()
+            print(f"[perf] {part} ...", flush=True)
+            s = settings[part]
+            if part == "transfer":
+                parts[part] = transfer.run(the_fm(), s["sizes_mb"], s["repeat"])
+            elif part == "flower":
+                parts[part] = flower.run(s["sizes_mb"], s["rounds"], args.threads, args.flower_python)
+            elif part == "fe":
+                parts[part] = fe.run(the_fm(), s["batches"], s["seq_lens"], s["budget_tokens"], s["repeat"])
+            elif part == "jobs":
+                parts[part] = jobs.run(s["corpus_sizes"], s["label_counts"], s["repeat"])
+            elif part == "concurrency":
+                parts[part] = concurrency.run(the_fm(), s["counts"], s["settle_s"])
+            elif part == "client":
+                parts[part] = run_client_cost(args.data, s["max_tasks"], args.threads)
+            parts[part]["part_wall_s"] = time.perf_counter() - started
+            parts[part]["load_average_after"] = load_average()
+            save()
+            print(f"[perf] {part} done in {parts[part]['part_wall_s']:.0f}s", flush=True)
+    for key, verdict in goals(headline(parts)).items():
+        print(f"{key:>26} = {verdict['value']!s:>24}  goal {verdict['goal']:<7} met={verdict['met']}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""The performance benchmark's own machinery: payload sizing, references, cost model, verdicts, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from benchmarks.perf import jobs, transfer
+from benchmarks.perf.__main__ import goals, headline
+from benchmarks.perf.harness import package_of_size
+from benchmarks.perf.plots import is_perf_doc, render_perf
+from benchmarks.perf.util import percentile
+from common.package import PackageLimits, decode_package
+
+MB = 1_000_000
+
+
+@pytest.mark.parametrize("target_mb", [1, 4])
+def test_synthetic_packages_are_valid_and_of_the_asked_size(target_mb: int) -> None:
+    data = package_of_size("digest", target_mb * MB)
+    assert abs(len(data) - target_mb * MB) / (target_mb * MB) < 0.05
+    pkg = decode_package(data, PackageLimits(max_bytes=len(data)))
+    assert pkg.spec.kind == "mlp" and len(pkg.labels) == 10 and pkg.stats is not None
+
+
+def test_raw_grpc_reference_moves_exactly_the_bytes_both_ways() -> None:
+    server, port = transfer.start_raw_server(max_workers=2)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=transfer.GRPC_OPTIONS) as channel:
+            data = bytes(range(256)) * 4099
+            assert transfer.raw_upload(channel, data, 65_536) == len(data)
+            transfer.verified_upload(channel, data, 65_536)  # raises on a digest mismatch
+            assert transfer.raw_download(channel, 1_000_003, 65_536) == 1_000_003
+    finally:
+        server.stop(None)
+
+
+def test_cost_model_recovers_the_coefficients_it_is_fitted_to() -> None:
+    b, c, d = 2e-3, 5e-6, 3e-6
+    points = [
+        {"public": p, "labels": n, "steps": s, "seconds": s * (b + c * n) + d * p}
+        for p, s in ((1_000, 300), (4_000, 400), (15_000, 700))
+        for n in (30, 150, 600)
+    ]
+    model = jobs.fit_cost_model(points)
+    assert model["r2"] > 0.999
+    assert model["b_ms_per_step"] == pytest.approx(b * 1e3, rel=1e-3)
+    assert model["c_us_per_step_label"] == pytest.approx(c * 1e6, rel=1e-3)
+    assert model["d_us_per_public_row"] == pytest.approx(d * 1e6, rel=1e-3)
+
+
+def test_job_steps_follow_the_obod_rule() -> None:
+    from common.config import OBODConfig
+
+    cfg = OBODConfig(epochs=6, personal_epochs=2, batch_size=256, min_steps=300)
+    assert jobs.steps_of(1_000, cfg) == 300 + 300  # both fits stretched to min_steps
+    assert jobs.steps_of(15_000, cfg) == 6 * 59 + 300
+
+
+def test_headline_numbers_and_goal_verdicts() -> None:
+    parts = {
+        "transfer": {"ratio_min": 0.95},
+        "flower": {"ratio_min": 0.8},
+        "fe": {"ratio_min_batch_ge_64": 0.6},
+        "jobs": {"job_s_15k_150": 6.0},
+        "concurrency": {
+            "bursts": [
+                {"clients": 10, "p99_s": 0.1, "errors": 0},
+                {"clients": 200, "p99_s": 1.5, "errors": 2},
+            ]
+        },
+    }
+    numbers = headline(parts)
+    assert numbers["concurrency_200_p99_s"] == 1.5 and numbers["concurrency_200_errors"] == 2
+    assert numbers["client_peak_rss_mb"] is None  # a skipped part is None, never a made-up number
+    verdicts = {k: v["met"] for k, v in goals(numbers).items()}
+    assert verdicts == {
+        "transfer_ratio_vs_raw": True,
+        "transfer_ratio_vs_flower": False,
+        "fe_ratio_vs_limit": True,
+        "obod_job_s_15k_150": False,
+        "concurrency_200_p99_s": True,
+        "concurrency_200_errors": False,
+    }
+    assert goals(headline({}))["fe_ratio_vs_limit"]["met"] is None
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
+
+
+def test_cost_curves_are_drawn_from_a_perf_document(tmp_path: Path) -> None:
+    size = {
+        "size_bytes": MB,
+        **{f"{k}_mb_s": 100.0 for k in ("upload", "raw_upload", "verified_raw_upload")},
+        **{f"{k}_mb_s": 90.0 for k in ("download", "raw_download", "verified_raw_download")},
+    }
+    doc = {
+        "transfer_ratio_vs_raw": 0.9,
+        "transfer": {"sizes": [size, {**size, "size_bytes": 16 * MB}]},
+        "fe": {
+            "points": [
+                {"batch": b, "seq_len": 32, "sentences_per_s": 10.0 * b, "limit_sentences_per_s": 2e3}
+                for b in (1, 64)
+            ]
+        },
+        "jobs": {"points": [{"public": p, "labels": 30, "seconds": p / 1e3} for p in (1_000, 15_000)]},
+        "concurrency": {"bursts": [{"clients": n, "p50_s": 0.1, "p99_s": 0.2} for n in (10, 200)]},
+    }
+    assert is_perf_doc(doc)
+    written = render_perf(doc, tmp_path)
+    assert sorted(p.name for p in written) == [
+        "concurrency.png",
+        "feature_extraction.png",
+        "obod_jobs.png",
+        "transfer.png",
+    ]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+    path = tmp_path / "perf.json"
+    path.write_text(json.dumps(doc))
+    from benchmarks.plot import main
+
+    assert main([str(path), "--out", str(tmp_path / "cli")]) == 0
+    assert len(list((tmp_path / "cli").glob("*.png"))) == 4
