@@ -166,6 +166,22 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[LayeredSettings]) -> No
         parser.add_argument(flag_name(key), dest=key, default=None, choices=choices, help=help_text)
 
 
+def add_settings_command(
+    sub: Any, name: str, help: str, cls: type[LayeredSettings], env_examples: str, example_file: str
+) -> argparse.ArgumentParser:
+    """A subcommand whose options are `cls`'s fields as flags, plus --config (the same help on both CLIs)."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help,
+        description=f"Every option can also come from FCL_<OPTION> (e.g. {env_examples}) or from the TOML "
+        "file given by --config (keys are the long flag names with '-' -> '_'). Precedence: flags > "
+        "environment > file > defaults.",
+    )
+    parser.add_argument("--config", type=Path, help=f"TOML file of options (see {example_file})")
+    add_flags(parser, cls)
+    return parser
+
+
 def given_flags(args: argparse.Namespace, cls: type[LayeredSettings]) -> dict[str, Any]:
     """The options of `cls` that were given on the command line (add_flags leaves the others None)."""
     return {key: getattr(args, key) for key in cls.model_fields if getattr(args, key, None) is not None}

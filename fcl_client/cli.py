@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from common.datasets.records import DataFormatError
 from common.fm import FoundationModelError
 from common.logs import setup_logging
-from common.settings import SettingsError, add_flags, given_flags, load_settings
+from common.settings import SettingsError, add_settings_command, given_flags, load_settings
 from common.tls import TLSConfigError
 from common.zoo import SpecError
 from fcl_client.connection import Connection, TransferError
@@ -31,15 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser(
+    add_settings_command(
+        sub,
         "run",
-        help="learn the task stream: train, upload, receive the personalised FM head",
-        description="Every option can also come from FCL_<OPTION> (e.g. FCL_SERVER, FCL_TOKEN) or from "
-        "the TOML file given by --config (keys are the long flag names with '-' -> '_'). Precedence: "
-        "flags > environment > file > defaults.",
+        "learn the task stream: train, upload, receive the personalised FM head",
+        RunSettings,
+        "FCL_SERVER, FCL_TOKEN",
+        "deploy/client.example.toml",
     )
-    run.add_argument("--config", type=Path, help="TOML file of options (see deploy/client.example.toml)")
-    add_flags(run, RunSettings)
 
     predict = sub.add_parser("predict", help="top labels with probabilities for some text")
     predict.add_argument("--work-dir", type=Path, required=True)

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from common.fm import FoundationModelError
 from common.logs import setup_logging
-from common.settings import add_flags, given_flags, load_settings
+from common.settings import add_settings_command, given_flags, load_settings
 from fcl_server.app import create_server, open_state
 from fcl_server.settings import ServeSettings
 
@@ -23,15 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fcl-server", description="Federated continual learning server")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser(
+    add_settings_command(
+        sub,
         "serve",
-        help="run the server until SIGTERM/SIGINT",
-        description="Every option can also come from FCL_<OPTION> (e.g. FCL_STATE_DIR) or from the TOML "
-        "file given by --config (keys are the long flag names with '-' -> '_'). Precedence: flags > "
-        "environment > file > defaults.",
+        "run the server until SIGTERM/SIGINT",
+        ServeSettings,
+        "FCL_STATE_DIR",
+        "deploy/server.example.toml",
     )
-    serve.add_argument("--config", type=Path, help="TOML file of options (see deploy/server.example.toml)")
-    add_flags(serve, ServeSettings)
 
     enroll = sub.add_parser("enroll", help="issue a bearer token for a client (or an admin) and print it")
     enroll.add_argument("--state-dir", type=Path, required=True)

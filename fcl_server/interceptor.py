@@ -128,6 +128,17 @@ def _code(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
 
 
+def _begin(
+    interceptor: ObservingInterceptor, service: str, method: str, request: Any, request_streaming: bool
+) -> tuple[CallRecord, Any]:
+    """Open the call's record; a request stream is wrapped so its bytes are counted as they arrive."""
+    call = interceptor.start(service, method)
+    if request_streaming:
+        return call, _count_requests(call, request)
+    call.bytes_in = _size(request)
+    return call, request
+
+
 def _count_requests(call: CallRecord, requests: Iterator[Any]) -> Iterator[Any]:
     for message in requests:
         call.bytes_in += _size(message)
@@ -142,11 +153,7 @@ def _unary_response(
     request_streaming: bool,
 ) -> Callable[[Any, grpc.ServicerContext], Any]:
     def handle(request: Any, context: grpc.ServicerContext) -> Any:
-        call = interceptor.start(service, method)
-        if request_streaming:
-            request = _count_requests(call, request)
-        else:
-            call.bytes_in = _size(request)
+        call, request = _begin(interceptor, service, method, request, request_streaming)
         try:
             response = behavior(request, context)
         except BaseException:
@@ -167,11 +174,7 @@ def _stream_response(
     request_streaming: bool,
 ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
     def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        call = interceptor.start(service, method)
-        if request_streaming:
-            request = _count_requests(call, request)
-        else:
-            call.bytes_in = _size(request)
+        call, request = _begin(interceptor, service, method, request, request_streaming)
         try:
             for message in behavior(request, context):
                 call.bytes_out += _size(message)
