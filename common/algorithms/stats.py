@@ -181,9 +181,11 @@ class GaussianSampler:
     bases: torch.Tensor | None = None  # (L, K, D)
 
     def draw(self, label_index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        # index_select, not [label_index]: the same rows, gathered several times faster on the CPU
+        label_index = label_index.to(self.means.device)
         noise = torch.randn(len(label_index), self.means.shape[1], generator=generator)
-        out = self.means[label_index] + noise * self.stds[label_index]
+        out = self.means.index_select(0, label_index) + noise * self.stds.index_select(0, label_index)
         if self.bases is not None and self.bases.shape[1]:
             z = torch.randn(len(label_index), self.bases.shape[1], generator=generator)
-            out = out + torch.einsum("nk,nkd->nd", z, self.bases[label_index])
+            out = out + torch.einsum("nk,nkd->nd", z, self.bases.index_select(0, label_index))
         return out
