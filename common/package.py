@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -103,10 +106,57 @@ def decode_package(data: bytes, limits: PackageLimits | None = None) -> Knowledg
         tensors = st_load(data)
         metadata = _read_metadata(data)
     except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
-        # only now may the first bytes explain it: a safetensors header length can start with any byte
-        if data[:2] == b"PK" or data[:1] == b"\x80":
-            raise PackageError("package is a zip/pickle (torch.save) payload; use safetensors") from exc
-        raise PackageError(f"package is not a valid safetensors file: {exc}") from exc
+        raise _not_safetensors(data[:2], exc) from exc
+    return _decode(tensors, metadata, limits, keep_weights=True)
+
+
+def validate_package_file(path: Path, limits: PackageLimits | None = None) -> KnowledgePackage:
+    """Validate a package on disk exactly as `decode_package` does, reading one tensor at a time.
+
+    Memory stays at about the largest tensor whatever the package's size (the server checks uploads
+    this way). The result has no weights (`weights == {}`); everything else is filled in.
+    """
+    limits = limits or PackageLimits()
+    size = path.stat().st_size
+    if size > limits.max_bytes:
+        raise PackageError(f"package is {size} bytes, over the limit of {limits.max_bytes}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = {str(k): str(v) for k, v in (handle.metadata() or {}).items()}
+            return _decode(_FileTensors(handle), metadata, limits, keep_weights=False)
+    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+        with path.open("rb") as fh:
+            raise _not_safetensors(fh.read(2), exc) from exc
+
+
+class _FileTensors(Mapping[str, torch.Tensor]):
+    """The tensors of an open safetensors file, each read from disk when asked for (none kept)."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle, self._names = handle, list(handle.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._handle.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _not_safetensors(first_bytes: bytes, exc: Exception) -> PackageError:
+    # only now may the first bytes explain it: a safetensors header length can start with any byte
+    if first_bytes[:2] == b"PK" or first_bytes[:1] == b"\x80":
+        return PackageError("package is a zip/pickle (torch.save) payload; use safetensors")
+    return PackageError(f"package is not a valid safetensors file: {exc}")
+
+
+def _decode(
+    tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], limits: PackageLimits, keep_weights: bool
+) -> KnowledgePackage:
     if metadata.get("format") != FORMAT:
         raise PackageError(f"package format is {metadata.get('format')!r}, expected {FORMAT!r}")
     kind = metadata.get("kind", "")
@@ -119,9 +169,13 @@ def decode_package(data: bytes, limits: PackageLimits | None = None) -> Knowledg
     unknown = [k for k in tensors if not k.startswith("model.") and k not in STATS_TENSORS]
     if unknown:
         raise PackageError(f"package has tensors outside the format: {sorted(unknown)[:5]}")
-    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    _check_weights(weights, spec, feature_dim, len(labels))
-    stats = _parse_stats(tensors, metadata.get("stats_labels", "[]"), labels, feature_dim)
+    weights = _check_weights(tensors, spec, feature_dim, len(labels), keep_weights)
+    stats = _parse_stats(
+        {k: tensors[k] for k in STATS_TENSORS if k in tensors},
+        metadata.get("stats_labels", "[]"),
+        labels,
+        feature_dim,
+    )
     return KnowledgePackage(
         spec, labels, weights, feature_dim, metadata.get("fm_digest", ""), kind, counts, stats
     )
@@ -185,24 +239,31 @@ def _parse_counts(text: str, num_labels: int) -> list[int]:
     return counts
 
 
-def _check_weights(weights: dict[str, torch.Tensor], spec: ModelSpec, dim: int, num_labels: int) -> None:
+def _check_weights(
+    tensors: Mapping[str, torch.Tensor], spec: ModelSpec, dim: int, num_labels: int, keep: bool
+) -> dict[str, torch.Tensor]:
+    """Check every `model.*` tensor against the spec, one at a time; the float32 weights if `keep`."""
     expected = expected_shapes(spec, dim, num_labels)
-    if set(weights) != set(expected):
-        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    names = {k[len("model.") :]: k for k in tensors if k.startswith("model.")}
+    if set(names) != set(expected):
+        missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
         raise PackageError(f"weights do not match the spec: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, tensor in weights.items():
+    weights = {}
+    for name, key in names.items():
+        tensor = tensors[key]
         if tuple(tensor.shape) != expected[name]:
             raise PackageError(f"weight {name} has shape {tuple(tensor.shape)}, spec needs {expected[name]}")
         if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise PackageError(f"weight {name} has dtype {tensor.dtype}; use float32")
         if not torch.isfinite(tensor).all():
             raise PackageError(f"weight {name} contains NaN or Inf")
-    for name in weights:
-        weights[name] = weights[name].float()
+        if keep:
+            weights[name] = tensor.float()
+    return weights
 
 
 def _parse_stats(
-    tensors: dict[str, torch.Tensor], labels_text: str, labels: list[str], dim: int
+    tensors: Mapping[str, torch.Tensor], labels_text: str, labels: list[str], dim: int
 ) -> StatsBank | None:
     if not any(k in tensors for k in STATS_TENSORS):
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Literal
 
@@ -130,6 +131,12 @@ def build_model(spec: ModelSpec, in_dim: int, num_labels: int) -> SmallModel:
 
 def expected_shapes(spec: ModelSpec, in_dim: int, num_labels: int) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes a model of this spec has (used to validate uploaded weights)."""
+    return dict(_shapes(spec.to_json(), in_dim, num_labels))
+
+
+@functools.lru_cache(maxsize=1024)
+def _shapes(spec_json: str, in_dim: int, num_labels: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    # building even a meta-device model costs milliseconds; uploads of one client repeat its spec
     with torch.device("meta"):
-        model = SmallModel(spec, in_dim, num_labels)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        model = SmallModel(parse_spec(spec_json), in_dim, num_labels)
+    return tuple((name, tuple(t.shape)) for name, t in model.state_dict().items())

@@ -178,15 +178,18 @@ class Connection:
         task_index: int,
         fm_digest: str,
         progress: Callable[[int, int], None] | None = None,
+        fresh: bool = False,
     ) -> pb.UploadReceipt:
         """Upload a package; safe to repeat (idempotent by upload_id), so transient failures are retried.
 
         A broken stream resumes from the bytes the server already holds (GetUploadStatus); the receipt
         must name the package's size and sha256. `progress` is told (bytes handed to gRPC, package
-        size) after each chunk.
+        size) after each chunk. `fresh`: the caller made upload_id just now, so the server cannot hold
+        any of it and the first attempt skips the GetUploadStatus round trip.
         """
         sha256 = hashlib.sha256(data).hexdigest()
         held = 0  # most bytes the server was seen to hold: a retry that moved this forward is free
+        ask_first = not fresh
 
         def messages(offset: int) -> Iterator[pb.UploadKnowledgeRequest]:
             header = pb.UploadHeader(
@@ -205,8 +208,9 @@ class Connection:
                     progress(min(start + self.chunk_size, len(data)), len(data))
 
         def attempt() -> pb.UploadReceipt:
-            nonlocal held
-            status = self.upload_status(upload_id)
+            nonlocal held, ask_first
+            status = self.upload_status(upload_id) if ask_first else pb.UploadStatus(upload_id=upload_id)
+            ask_first = True  # a retry always asks: the broken attempt may have left bytes or a receipt
             if status.complete and status.receipt.sha256 == sha256:
                 receipt = status.receipt  # accepted, but the receipt was lost with the connection
             else:

@@ -154,6 +154,7 @@ class ClientRunner:
         self, fm: FoundationModel, stream: list[Task], index: int, progress: Progress, learner: Learner
     ) -> None:
         task = stream[index]
+        fresh = False  # an upload id made in this call: the server cannot hold any of its bytes yet
         if progress.step < Step.TRAINED:
             feats = self._features(fm, [ex.text for ex in task.train])
             with self.bars.bar(f"training {task.name}", unit="epoch") as on_epoch:
@@ -164,7 +165,7 @@ class ClientRunner:
                     seed=self.cfg.seed * 1000 + index,
                     on_epoch=on_epoch,
                 )
-            progress.step, progress.upload_id = Step.TRAINED, uuid.uuid4().hex
+            progress.step, progress.upload_id, fresh = Step.TRAINED, uuid.uuid4().hex, True
             package = learner.package(self.cfg.smcf, seed=self.cfg.seed * 1000 + index)
             self.store.save_upload(progress.upload_id, encode_package(package))
             self.store.save(progress, learner)
@@ -175,7 +176,7 @@ class ClientRunner:
             )  # (encoding again only for a checkpoint written before packages were kept)
             with self.bars.bar(f"uploading {task.name}", data=True) as sent:
                 receipt = self.conn.upload(
-                    data, progress.upload_id, task.name, index, fm.digest, progress=sent
+                    data, progress.upload_id, task.name, index, fm.digest, progress=sent, fresh=fresh
                 )
             progress.step, progress.job_id, progress.bytes_up = Step.UPLOADED, receipt.job_id, len(data)
             self.store.save(progress, learner)

@@ -17,6 +17,7 @@ from fcl_server.errors import Aborted, InvalidArgument
 log = logging.getLogger(__name__)
 SWEEP_EVERY_S = 60.0
 HASH_BLOCK = 1 << 20
+STRIPES = 64
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,11 @@ class PartialUploads:
         self.ttl_s = ttl_s
         self.max_per_client = max_per_client
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # one lock: writes are page-cache copies, takeover must be atomic
+        # the global lock guards the owner map and the directory layout; each upload's bytes are written
+        # under its stripe lock, so many uploads write at once while a takeover stays atomic.
+        # Order: a stripe lock before the global lock, never the other way round.
+        self._lock = threading.Lock()
+        self._stripes = [threading.Lock() for _ in range(STRIPES)]
         # (client, upload id) → generation of the one open stream allowed to write it
         self._owner: dict[tuple[str, str], int] = {}
         self._generation = 0
@@ -57,23 +62,26 @@ class PartialUploads:
 
     # -- queries ----------------------------------------------------------------------------------
     def held(self, client: str, upload_id: str) -> Held | None:
-        with self._lock:
+        with self._stripe(client, upload_id):
             return self._held(client, upload_id)
 
     def _held(self, client: str, upload_id: str) -> Held | None:
         part, meta_path = self._paths(client, upload_id)
         try:
             meta = PartialMeta(**json.loads(meta_path.read_text()))
-        except (OSError, ValueError, TypeError):
+            committed = part.stat().st_size if part.exists() else 0
+        except (OSError, ValueError, TypeError):  # OSError too: a sweep may drop it meanwhile
             return None
-        committed = part.stat().st_size if part.exists() else 0
         return Held(meta, min(committed, meta.size))
+
+    def _stripe(self, client: str, upload_id: str) -> threading.Lock:
+        return self._stripes[hash((client, upload_id)) % STRIPES]
 
     # -- writing ----------------------------------------------------------------------------------
     def open(self, client: str, upload_id: str, meta: PartialMeta, offset: int) -> PartialWriter:
         """Start (offset 0) or resume (offset ≤ bytes held, same package) an upload; takes over writing."""
         self._maybe_sweep()
-        with self._lock:
+        with self._stripe(client, upload_id), self._lock:
             part, meta_path = self._paths(client, upload_id)
             if offset == 0:
                 part.parent.mkdir(parents=True, exist_ok=True)
@@ -120,8 +128,9 @@ class PartialUploads:
                 self._discard(writer.client, writer.upload_id)
 
     def _write(self, writer: PartialWriter, data: bytes) -> None:
-        with self._lock:
-            self._check_owner(writer)
+        with self._stripe(writer.client, writer.upload_id):
+            with self._lock:
+                self._check_owner(writer)
             view = memoryview(data)
             while view:
                 written = writer.fh.write(view)
@@ -129,8 +138,8 @@ class PartialUploads:
 
     def _seal(self, writer: PartialWriter, dest: Path) -> None:
         """Move the complete bytes to `dest` (atomically, so no later stream can touch them); forget it."""
-        os.fsync(writer.fh.fileno())  # outside the lock: other uploads keep writing meanwhile
-        with self._lock:
+        os.fsync(writer.fh.fileno())  # outside the locks: other uploads keep writing meanwhile
+        with self._stripe(writer.client, writer.upload_id), self._lock:
             self._check_owner(writer)
             writer.fh.close()
             part, meta_path = self._paths(writer.client, writer.upload_id)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import __version__
-from common.package import PackageError, PackageLimits, decode_package
+from common.package import PackageError, PackageLimits, validate_package_file
 from fcl_server.blobs import BlobStore
 from fcl_server.errors import (
     Aborted,
@@ -248,7 +248,7 @@ class FclService:
                 raise InvalidArgument(f"received {size} bytes but the header announced {header.size}")
             if sha256 != header.sha256:
                 raise InvalidArgument("sha256 of the received bytes does not match the header; upload again")
-            self._validate_package(tmp.read_bytes())
+            self._validate_package(tmp)  # one tensor at a time: memory does not grow with the upload
             self.blobs.put_file(tmp, sha256)
         finally:
             tmp.unlink(missing_ok=True)
@@ -304,10 +304,10 @@ class FclService:
             return UploadProgress(upload_id, 0, 0, "", None)
         return UploadProgress(upload_id, held.committed, held.meta.size, held.meta.sha256, None)
 
-    def _validate_package(self, data: bytes) -> None:
+    def _validate_package(self, path: Path) -> None:
         limits = PackageLimits(max_bytes=self.limits.max_upload_bytes, max_labels=self.limits.max_labels)
         try:
-            pkg = decode_package(data, limits)
+            pkg = validate_package_file(path, limits)
         except PackageError as exc:
             raise InvalidArgument(f"invalid knowledge package: {exc}") from exc
         if pkg.kind != "small":

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import string
+import tempfile
+from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.package import KnowledgePackage, PackageError, decode_package, encode_package
+from common.package import (
+    KnowledgePackage,
+    PackageError,
+    decode_package,
+    encode_package,
+    validate_package_file,
+)
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.zoo import SmallModel, parse_spec
 from fcl_server import convert
@@ -115,6 +124,20 @@ def test_corrupted_packages_fail_only_with_package_error(data: st.DataObject) ->
     candidate = bytes(blob[:cut]) + data.draw(st.binary(max_size=16))
     try:
         pkg = decode_package(candidate)
-    except PackageError:
+    except PackageError as exc:
+        with pytest.raises(PackageError) as from_file:
+            _validate_on_disk(candidate)
+        # the server's file check says the same (safetensors words its own detail per reader)
+        assert str(from_file.value).split(" file: ")[0] == str(exc).split(" file: ")[0]
         return
     assert all(torch.isfinite(t).all() for t in pkg.weights.values())
+    checked = _validate_on_disk(candidate)
+    assert (checked.labels, checked.spec, checked.weights) == (pkg.labels, pkg.spec, {})
+
+
+def _validate_on_disk(data: bytes) -> KnowledgePackage:
+    """validate_package_file (what the server runs on a received upload) on `data` written to a file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "package.safetensors"
+        path.write_bytes(data)
+        return validate_package_file(path)

@@ -256,3 +256,41 @@ def test_idle_partials_expire_and_each_client_keeps_a_few(tmp_path: Path) -> Non
     assert store.held("c", "u3") is None and store.held("d", "u1") is not None
     writer.close()
     assert store.sweep(now=time.time() + 200) == 1
+
+
+def test_a_fresh_upload_skips_the_status_call_and_a_retry_asks_again(
+    server: RunningServer, fm: FoundationModel, data: bytes
+) -> None:
+    with Connection(f"127.0.0.1:{server.port}", "tok-alice", chunk_size=CHUNK, backoff=0.01) as conn:
+        asked: list[str] = []
+        real_status, real_upload = conn.stub.GetUploadStatus, conn.stub.UploadKnowledge
+        attempts = iter([True, False])  # the first stream breaks after 4 chunks, the retry goes through
+
+        def status_spy(request: Any, **kwargs: Any) -> Any:
+            asked.append(request.upload_id)
+            return real_status(request, **kwargs)
+
+        def upload(requests: Iterator[Any], **kwargs: Any) -> Any:
+            if next(attempts):
+                list(zip(range(5), requests, strict=False))  # header and 4 chunks reach nobody
+                raise _unavailable()
+            return real_upload(requests, **kwargs)
+
+        conn.stub.GetUploadStatus, conn.stub.UploadKnowledge = status_spy, upload
+        receipt = conn.upload(data, "fresh-1", "task-00", 0, fm.digest, fresh=True)
+        assert asked == ["fresh-1"]  # not before the first attempt; before the retry, yes
+        assert server.service.blobs.read(receipt.sha256) == data
+        # without `fresh` the first attempt asks first (it may resume an upload begun before a restart)
+        conn.upload(data, "fresh-1", "task-00", 0, fm.digest)
+        assert asked == ["fresh-1", "fresh-1"]
+
+
+def _unavailable() -> grpc.RpcError:
+    class Unavailable(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return "link down"
+
+    return Unavailable()

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             elif part == "jobs":
                 parts[part] = jobs.run(s["corpus_sizes"], s["label_counts"], s["repeat"])
             elif part == "concurrency":
-                parts[part] = concurrency.run(the_fm(), s["counts"], s["settle_s"])
+                parts[part] = concurrency.run(s["counts"], s["settle_s"])
             elif part == "client":
                 parts[part] = run_client_cost(args.data, s["max_tasks"], args.threads)
             parts[part]["part_wall_s"] = time.perf_counter() - started

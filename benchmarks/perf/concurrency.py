@@ -1,4 +1,4 @@
-"""Concurrency: N simulated clients (threads, enrolled tokens) register and upload 1 MB packages at once."""
+"""Concurrency: N simulated clients (threads, own tokens and channels) upload 1 MB packages at once."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.perf.harness import enroll, package_of_size, start_server
-from benchmarks.perf.util import MB, RssSampler, percentile
-from common.fm import FoundationModel
+from benchmarks.perf.harness import ServerProcess, package_of_size
+from benchmarks.perf.util import MB, peak_rss_bytes, percentile, rss_bytes
+from common.stubs.fcl.v1 import fcl_pb2 as pb
 from fcl_client.connection import Connection
-from fcl_server.state import JobState
 
 
 class _Client(threading.Thread):
@@ -29,41 +28,45 @@ class _Client(threading.Thread):
         try:
             with Connection(self.target, self.token, timeout=120, retries=0) as conn:
                 conn.register(self.name, self.digest)
-                self.start_line.wait(timeout=120)
+                self.start_line.wait(timeout=300)
                 started = time.perf_counter()
-                conn.upload(self.data, uuid.uuid4().hex, "task-0", 0, self.digest)
+                conn.upload(self.data, uuid.uuid4().hex, "task-0", 0, self.digest, fresh=True)
                 self.latency = time.perf_counter() - started
         except Exception as exc:  # every failure is a counted error, never a crash of the benchmark
             self.error = f"{type(exc).__name__}: {exc}"[:300]
 
 
-def burst(
-    fm: FoundationModel, clients: int, size_mb: float, settle_s: float, max_workers: int
-) -> dict[str, Any]:
-    """One server, `clients` threads: all register, wait at a barrier, then upload at once."""
+def burst(clients: int, size_mb: float, settle_s: float, max_workers: int) -> dict[str, Any]:
+    """A server process and `clients` threads here: all register, wait at a barrier, then upload at once."""
     with tempfile.TemporaryDirectory(prefix="fcl-perf-concurrency-") as tmp:
-        server = start_server(Path(tmp), fm, worker=True, max_workers=max_workers)
+        server = ServerProcess(
+            Path(tmp), "--clients", str(clients), "--worker", "--max-workers", str(max_workers)
+        )
         try:
-            target = f"127.0.0.1:{server.port}"
-            packages = [package_of_size(fm.digest, int(size_mb * MB), seed=i) for i in range(clients)]
+            info, pid = server.info, server.info["pid"]
+            target = f"127.0.0.1:{info['port']}"
+            packages = [package_of_size(info["fm_digest"], int(size_mb * MB), seed=i) for i in range(clients)]
             barrier = threading.Barrier(clients + 1)
             threads = [
-                _Client(f"client-{i}", target, enroll(server, f"client-{i}"), packages[i], fm.digest, barrier)
+                _Client(f"client-{i}", target, info["tokens"][i], packages[i], info["fm_digest"], barrier)
                 for i in range(clients)
             ]
             for t in threads:
                 t.start()
-            with RssSampler(every_s=0.01) as rss:
-                barrier.wait(timeout=300)
-                started = time.perf_counter()
-                for t in threads:
-                    t.join(timeout=600)
-                wall = time.perf_counter() - started
-                time.sleep(settle_s)  # the worker keeps distilling the queued jobs meanwhile
-                done = _jobs_done(server)
-                elapsed = time.perf_counter() - started
+            barrier.wait(timeout=300)
+            rss_before = rss_bytes(pid)
+            started = time.perf_counter()
+            for t in threads:
+                t.join(timeout=600)
+            wall = time.perf_counter() - started
+            time.sleep(settle_s)  # the worker keeps distilling the queued jobs meanwhile
+            elapsed = time.perf_counter() - started
+            with Connection(target, info["admin_token"]) as admin:
+                jobs = admin.status(max_jobs=100_000).jobs
+            done = sum(1 for j in jobs if j.state == pb.JOB_STATE_DONE)
+            server_peak = peak_rss_bytes(pid)
         finally:
-            server.stop(grace=5)
+            server.close()
     latencies = [t.latency for t in threads if t.latency is not None]
     errors = [t.error for t in threads if t.error]
     return {
@@ -76,27 +79,24 @@ def burst(
         "error_examples": errors[:3],
         "burst_wall_s": wall,
         "uploads_per_s": len(latencies) / wall if wall > 0 else None,
+        "jobs_accepted": len(jobs),
         "jobs_done": done,
         "jobs_per_minute": 60 * done / elapsed,
-        "rss_baseline_mb": rss.baseline / MB,
-        "rss_peak_growth_mb": rss.peak_growth() / MB,
+        "server_rss_before_burst_mb": rss_before / MB,
+        "server_peak_rss_mb": server_peak / MB,
     }
 
 
-def _jobs_done(server: Any) -> int:
-    return sum(1 for job in server.state.jobs(100_000) if job.state == JobState.DONE)
-
-
-def run(fm: FoundationModel, counts: list[int], settle_s: float, max_workers: int = 32) -> dict[str, Any]:
-    bursts = [burst(fm, n, 1.0, settle_s, max_workers) for n in counts]
+def run(counts: list[int], settle_s: float, max_workers: int = 32) -> dict[str, Any]:
+    bursts = [burst(n, 1.0, settle_s, max_workers) for n in counts]
     return {
         "what": (
-            "one in-process server (upload rate and byte limits off, distillation worker on, "
-            f"{max_workers} gRPC worker threads) and N client threads in the same process, each with its "
-            "own token and channel: Register, then all upload a distinct valid 1 MB package at once "
-            "(Connection.upload: GetUploadStatus + UploadKnowledge, no retries); latency per upload; "
-            f"jobs/min = OBOD jobs done within the burst + {settle_s:.0f} s, over that time; RSS is the "
-            "whole process (server and clients)"
+            "a server process (upload rate and byte limits off, distillation worker on, "
+            f"{max_workers} gRPC worker threads) and N client threads in the benchmark process, each "
+            "with its own token and channel: Register, then all upload a distinct valid 1 MB package at "
+            "once (Connection.upload of a new upload id: UploadKnowledge, no retries); latency per "
+            f"upload; jobs/min = OBOD jobs done within the burst + {settle_s:.0f} s, over that time; "
+            "server RSS: anonymous memory when the burst starts, and the process's peak RSS (VmHWM)"
         ),
         "bursts": bursts,
     }

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.perf.harness import package_of_size
+from benchmarks.perf.harness import ServerProcess, package_of_size
 from benchmarks.perf.util import MB, median, timed
 from fcl_client.connection import Connection
 
@@ -79,49 +79,27 @@ def flower_rounds(python: str, size_bytes: int, rounds: int, timeout: float = 60
     return doc
 
 
-class OurServerProcess:
-    """serve_proc.py in a child process: the same split into a server and a client process as Flower's."""
-
-    def __init__(self, root: Path, size_bytes: int, threads: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.perf.serve_proc", str(root), str(size_bytes), str(threads)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            cwd=ROOT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            self.close()
-            raise RuntimeError("the benchmark fcl-server process did not start")
-        self.info = json.loads(line)
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def our_rounds(size_bytes: int, rounds: int, threads: int) -> dict[str, Any]:
     """One upload (a valid package of `size_bytes`) plus one download of the same size, `rounds` + 1 times."""
     with tempfile.TemporaryDirectory(prefix="fcl-perf-flower-") as tmp:
         root = Path(tmp)
-        server = OurServerProcess(root, size_bytes, threads)
+        server = ServerProcess(
+            root,
+            "--archive-bytes",
+            str(size_bytes),
+            "--threads",
+            str(threads),
+            "--max-upload-bytes",
+            str(size_bytes + 16 * MB),
+        )
         try:
             info = server.info
             data = package_of_size(info["fm_digest"], size_bytes)
-            with Connection(f"127.0.0.1:{info['port']}", info["token"], timeout=600) as conn:
-                conn.register("perf-client", info["fm_digest"])
+            with Connection(f"127.0.0.1:{info['port']}", info["tokens"][0], timeout=600) as conn:
+                conn.register("client-0", info["fm_digest"])
 
                 def one_round() -> None:
-                    conn.upload(data, uuid.uuid4().hex, "task-0", 0, info["fm_digest"])
+                    conn.upload(data, uuid.uuid4().hex, "task-0", 0, info["fm_digest"], fresh=True)
                     conn.download_fm(root / "download.tar")
                     (root / "download.tar").unlink()
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from fcl_server.app import RunningServer, ServerConfig, create_server
 from fcl_server.cli import new_token
 
 FEATURE_DIM = 384
+ROOT = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024
 
 
@@ -101,3 +105,33 @@ def package_of_size(fm_digest: str, target_bytes: int, num_labels: int = 10, see
     bank.add_features(torch.randn(4 * num_labels, FEATURE_DIM), [y for y in labels for _ in range(4)])
     pkg = KnowledgePackage.from_model(model, labels, fm_digest, "small", [4] * num_labels, bank)
     return encode_package(pkg)
+
+
+class ServerProcess:
+    """benchmarks.perf.serve_proc in a child process; `info` is what it printed (port, pid, tokens)."""
+
+    def __init__(self, root: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.perf.serve_proc", str(root), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.close()
+            raise RuntimeError("the benchmark fcl-server process did not start")
+        self.info: dict[str, Any] = json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

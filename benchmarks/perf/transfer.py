@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from fcl_client.connection import Connection
 from fcl_server import servicer as server_servicer
 
 RAW_SERVICE = "perf.RawEcho"
+DURABLE_DIR: str | None = None  # where the durable reference writes (the server's disk); set by run()
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -42,6 +44,18 @@ def _raw_upload_verified(requests: Iterator[bytes], _context: Any) -> bytes:
     return digest.digest()
 
 
+def _raw_upload_durable(requests: Iterator[bytes], _context: Any) -> bytes:
+    """The least a durable, verified upload does: sha256 while receiving, write to a file, fsync."""
+    digest = hashlib.sha256()
+    with tempfile.TemporaryFile(dir=DURABLE_DIR) as fh:
+        for chunk in requests:
+            digest.update(chunk)
+            fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return digest.digest()
+
+
 def _raw_download(request: bytes, _context: Any) -> Iterator[bytes]:
     size, chunk = int.from_bytes(request[:8], "little"), int.from_bytes(request[8:16], "little")
     block = bytes(chunk)
@@ -55,6 +69,7 @@ def start_raw_server(max_workers: int = 8) -> tuple[grpc.Server, int]:
         {
             "Up": grpc.stream_unary_rpc_method_handler(_raw_upload),
             "UpVerified": grpc.stream_unary_rpc_method_handler(_raw_upload_verified),
+            "UpDurable": grpc.stream_unary_rpc_method_handler(_raw_upload_durable),
             "Down": grpc.unary_stream_rpc_method_handler(_raw_download),
         },
     )
@@ -79,6 +94,12 @@ def verified_upload(channel: grpc.Channel, data: bytes, chunk: int) -> None:
     expected = hashlib.sha256(data).digest()
     if raw_upload_call(channel, "UpVerified", data, chunk) != expected:
         raise RuntimeError("verified raw upload: digest mismatch")
+
+
+def durable_upload(channel: grpc.Channel, data: bytes, chunk: int) -> None:
+    """Verified upload whose receiver also writes the bytes to disk and fsyncs them (as ours must)."""
+    if raw_upload_call(channel, "UpDurable", data, chunk) != hashlib.sha256(data).digest():
+        raise RuntimeError("durable raw upload: digest mismatch")
 
 
 def verified_download(channel: grpc.Channel, size: int, chunk: int) -> None:
@@ -122,26 +143,35 @@ class _PhaseMarks:
         self.service.finish_upload, self.service._validate_package = self._finish, self._validate
 
 
-def our_upload(server: Any, conn: Connection, data: bytes, digest: str) -> dict[str, float]:
+def our_upload(conn: Connection, data: bytes, digest: str) -> float:
+    """Seconds of one Connection.upload of a new upload id (nothing sampled meanwhile)."""
+    return timed(lambda: conn.upload(data, uuid.uuid4().hex, "task-0", 0, digest, fresh=True))[0]
+
+
+def our_upload_memory(server: Any, conn: Connection, data: bytes, digest: str) -> dict[str, float]:
+    """One more upload with the server's memory sampled, split into receiving and validating."""
     with RssSampler() as sampler, _PhaseMarks(server, sampler):
-        seconds, _ = timed(lambda: conn.upload(data, uuid.uuid4().hex, "task-0", 0, digest))
+        conn.upload(data, uuid.uuid4().hex, "task-0", 0, digest, fresh=True)
     received = sampler.marks.get("received", float("inf"))
     validate = sampler.marks.get("validate", received)
     validated = sampler.marks.get("validated", validate)
     return {
-        "seconds": seconds,
         "rss_growth_receiving_mb": sampler.peak_growth(end=received) / MB,
         "rss_growth_validating_mb": sampler.peak_growth(validate, validated) / MB,
         "validate_s": validated - validate,
     }
 
 
-def our_download(conn: Connection, dest: Path) -> dict[str, float]:
+def our_download(conn: Connection, dest: Path, sampled: bool = False) -> dict[str, float]:
     dest.unlink(missing_ok=True)
+    if not sampled:
+        seconds = timed(lambda: conn.download_fm(dest))[0]
+        dest.unlink(missing_ok=True)
+        return {"seconds": seconds}
     with RssSampler() as sampler:
-        seconds, _ = timed(lambda: conn.download_fm(dest))
+        conn.download_fm(dest)
     dest.unlink(missing_ok=True)
-    return {"seconds": seconds, "rss_growth_mb": sampler.peak_growth() / MB}
+    return {"rss_growth_mb": sampler.peak_growth() / MB}
 
 
 def _mbps(size: int, seconds: float) -> float:
@@ -156,25 +186,23 @@ def measure_size(
     size = len(data)
     up_chunk, down_chunk = conn.chunk_size, server_servicer.CHUNK_SIZE
     serve_synthetic_archive(server, size)
-    runs: dict[str, list[float]] = {k: [] for k in ("raw_up", "ver_up", "up", "raw_down", "ver_down", "down")}
-    extra: dict[str, list[float]] = {k: [] for k in ("rx_mb", "val_mb", "val_s", "down_mb")}
-    for _ in range(repeat):
+    runs: dict[str, list[float]] = {
+        k: [] for k in ("raw_up", "ver_up", "dur_up", "up", "raw_down", "ver_down", "down")
+    }
+    for _ in range(repeat):  # interleaved, so a noisy moment hits every variant alike
         runs["raw_up"].append(timed(lambda: raw_upload(raw, data, up_chunk))[0])
         runs["ver_up"].append(timed(lambda: verified_upload(raw, data, up_chunk))[0])
-        up = our_upload(server, conn, data, fm_digest)
-        runs["up"].append(up["seconds"])
-        extra["rx_mb"].append(up["rss_growth_receiving_mb"])
-        extra["val_mb"].append(up["rss_growth_validating_mb"])
-        extra["val_s"].append(up["validate_s"])
+        runs["dur_up"].append(timed(lambda: durable_upload(raw, data, up_chunk))[0])
+        runs["up"].append(our_upload(conn, data, fm_digest))
         runs["raw_down"].append(timed(lambda: raw_download(raw, size, down_chunk))[0])
         runs["ver_down"].append(timed(lambda: verified_download(raw, size, down_chunk))[0])
-        down = our_download(conn, work / "archive.tar")
-        runs["down"].append(down["seconds"])
-        extra["down_mb"].append(down["rss_growth_mb"])
+        runs["down"].append(our_download(conn, work / "archive.tar")["seconds"])
+    memory = our_upload_memory(server, conn, data, fm_digest)
+    down_memory = our_download(conn, work / "archive.tar", sampled=True)
     sha_s = timed(lambda: hashlib.sha256(data).hexdigest())[0]
     decode_s = timed(lambda: decode_package(data, PackageLimits(max_bytes=size)))[0]
     med = {k: median(v) for k, v in runs.items()}
-    validation_s = median(extra["val_s"])
+    validation_s = memory["validate_s"]
     return {
         "size_bytes": size,
         "upload_chunk_bytes": up_chunk,
@@ -184,6 +212,8 @@ def measure_size(
         "verified_raw_upload_mb_s": _mbps(size, med["ver_up"]),
         "upload_ratio": med["raw_up"] / med["up"],
         "upload_ratio_vs_verified_raw": med["ver_up"] / med["up"],
+        "durable_raw_upload_mb_s": _mbps(size, med["dur_up"]),
+        "upload_ratio_vs_durable_raw": med["dur_up"] / med["up"],
         "upload_ratio_without_validation": med["raw_up"] / max(1e-9, med["up"] - validation_s),
         "download_mb_s": _mbps(size, med["down"]),
         "raw_download_mb_s": _mbps(size, med["raw_down"]),
@@ -191,10 +221,10 @@ def measure_size(
         "download_ratio": med["raw_down"] / med["down"],
         "download_ratio_vs_verified_raw": med["ver_down"] / med["down"],
         "runs_s": runs,
-        "server_rss_growth_receiving_mb": max(extra["rx_mb"]),
-        "server_rss_growth_validating_mb": max(extra["val_mb"]),
+        "server_rss_growth_receiving_mb": memory["rss_growth_receiving_mb"],
+        "server_rss_growth_validating_mb": memory["rss_growth_validating_mb"],
         "validation_s": validation_s,
-        "client_download_rss_growth_mb": max(extra["down_mb"]),
+        "client_download_rss_growth_mb": down_memory["rss_growth_mb"],
         "sha256_s": sha_s,
         "decode_package_s": decode_s,
     }
@@ -202,9 +232,11 @@ def measure_size(
 
 def run(fm: FoundationModel, sizes_mb: list[int], repeat: int) -> dict[str, Any]:
     """Every size through one server and one raw echo server, both in this process on loopback."""
+    global DURABLE_DIR
     max_bytes = max(sizes_mb) * MB + 16 * MB
     with tempfile.TemporaryDirectory(prefix="fcl-perf-transfer-") as tmp:
         work = Path(tmp)
+        DURABLE_DIR = tmp  # the same disk the server's state dir is on
         server = start_server(work, fm, max_upload_bytes=max_bytes)
         raw_server, raw_port = start_raw_server()
         raw = grpc.insecure_channel(f"127.0.0.1:{raw_port}", options=GRPC_OPTIONS)
@@ -220,21 +252,26 @@ def run(fm: FoundationModel, sizes_mb: list[int], repeat: int) -> dict[str, Any]
             server.stop(grace=1)
     ratios = [min(r["upload_ratio"], r["download_ratio"]) for r in results]
     verified = [min(r["upload_ratio_vs_verified_raw"], r["download_ratio_vs_verified_raw"]) for r in results]
+    durable = [min(r["upload_ratio_vs_durable_raw"], r["download_ratio"]) for r in results]
     return {
         "what": (
             "in-process server and client on loopback; reference = plain grpcio stream of raw bytes "
             "(no protobuf, data discarded) with the same chunk size; verified reference = the same plus "
-            "sha256 before sending and while receiving (the least a verified transfer does); "
-            "ours = Connection.upload (sha256, GetUploadStatus, UploadKnowledge incl. server-side "
-            "disk write, fsync, sha256 and package validation) and Connection.download_fm "
-            "(GetFoundationModel to disk, sha256 verified); "
-            "payloads are valid `mlp` knowledge packages; medians of the runs"
+            "sha256 before sending and while receiving (the least a verified transfer does); durable "
+            "reference = verified plus writing the bytes to a file on the server's disk and fsync (the "
+            "least a durable upload does); ours = Connection.upload of a new upload id (sha256, "
+            "UploadKnowledge incl. server-side disk write, sha256, fsync, package validation tensor by "
+            "tensor, SQLite commit of the upload and its job) and Connection.download_fm "
+            "(GetFoundationModel to disk, sha256 verified); payloads are valid `mlp` knowledge "
+            "packages; medians of the timed runs (no memory sampling in them), then one more run of "
+            "each with the server's anonymous RSS sampled every 2 ms"
         ),
         "client_chunk_bytes": client_connection.CHUNK_SIZE,
         "server_chunk_bytes": server_servicer.CHUNK_SIZE,
         "sizes": results,
         "ratio_min": min(ratios),
         "ratio_vs_verified_raw_min": min(verified),
+        "ratio_vs_durable_raw_min": min(durable),
         "ratio_min_without_validation": min(
             min(r["upload_ratio_without_validation"], r["download_ratio"]) for r in results
         ),

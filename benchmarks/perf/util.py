@@ -19,10 +19,23 @@ MIB = 1024 * 1024
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process now (from /proc, no psutil)."""
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * _PAGE
+def rss_bytes(pid: int | str = "self") -> int:
+    """Anonymous resident memory of a process now (RssAnon: what it allocated; the page cache of files
+    it reads or maps is not counted), from /proc, no psutil."""
+    return _status_kib(pid, "RssAnon") * 1024
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """Peak resident set size of a process so far (VmHWM, all pages)."""
+    return _status_kib(pid, "VmHWM") * 1024
+
+
+def _status_kib(pid: int | str, field_name: str) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise KeyError(f"{field_name} not in /proc/{pid}/status")
 
 
 @dataclass
