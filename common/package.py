@@ -8,8 +8,9 @@ data, and `decode_package` validates every field against the model zoo before an
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,8 @@ def validate_package_file(path: Path, limits: PackageLimits | None = None) -> Kn
         with safe_open(str(path), framework="pt") as handle:
             metadata = {str(k): str(v) for k, v in (handle.metadata() or {}).items()}
             return _decode(_FileTensors(handle), metadata, limits, keep_weights=False)
+    except PackageError:  # a ValueError too, but already says what is wrong
+        raise
     except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
         with path.open("rb") as fh:
             raise _not_safetensors(fh.read(2), exc) from exc
@@ -145,6 +148,40 @@ class _FileTensors(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._names)
+
+    def describe(self, name: str) -> tuple[tuple[int, ...], torch.dtype | str]:
+        """Shape and dtype from the header, without reading the data."""
+        view = self._handle.get_slice(name)
+        code = view.get_dtype()
+        return tuple(view.get_shape()), _ST_DTYPES.get(code, code)
+
+    def all_finite(self, name: str) -> bool:
+        """No NaN/Inf, read in blocks of rows (about FINITE_BLOCK bytes): memory stays flat."""
+        view = self._handle.get_slice(name)
+        shape = view.get_shape()
+        if not shape:
+            return bool(torch.isfinite(self._handle.get_tensor(name)).all())
+        row_bytes = 4 * max(1, math.prod(shape[1:]))
+        step = max(1, FINITE_BLOCK // row_bytes)
+        return all(bool(torch.isfinite(view[i : i + step]).all()) for i in range(0, shape[0], step))
+
+
+FINITE_BLOCK = 4 * 1024 * 1024
+# safetensors dtype codes as torch names them (an error message must read the same from bytes or a file)
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 def _not_safetensors(first_bytes: bytes, exc: Exception) -> PackageError:
@@ -249,17 +286,28 @@ def _check_weights(
         missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
         raise PackageError(f"weights do not match the spec: missing {missing[:5]}, unexpected {extra[:5]}")
     weights = {}
-    for name, key in names.items():
-        tensor = tensors[key]
-        if tuple(tensor.shape) != expected[name]:
-            raise PackageError(f"weight {name} has shape {tuple(tensor.shape)}, spec needs {expected[name]}")
-        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise PackageError(f"weight {name} has dtype {tensor.dtype}; use float32")
-        if not torch.isfinite(tensor).all():
+    for name, key in sorted(names.items()):  # sorted: the same first problem from bytes or a file
+        shape, dtype, finite = _describe(tensors, key)
+        if shape != expected[name]:
+            raise PackageError(f"weight {name} has shape {shape}, spec needs {expected[name]}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise PackageError(f"weight {name} has dtype {dtype}; use float32")
+        if not finite():
             raise PackageError(f"weight {name} contains NaN or Inf")
         if keep:
-            weights[name] = tensor.float()
+            weights[name] = tensors[key].float()
     return weights
+
+
+def _describe(
+    tensors: Mapping[str, torch.Tensor], key: str
+) -> tuple[tuple[int, ...], torch.dtype | str, Callable[[], bool]]:
+    """Shape, dtype and a finiteness check of one tensor; on disk without loading it whole."""
+    if isinstance(tensors, _FileTensors):
+        shape, dtype = tensors.describe(key)
+        return shape, dtype, lambda: tensors.all_finite(key)
+    tensor = tensors[key]
+    return tuple(tensor.shape), tensor.dtype, lambda: bool(torch.isfinite(tensor).all())
 
 
 def _parse_stats(

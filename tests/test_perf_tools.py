@@ -126,3 +126,16 @@ def test_cost_curves_are_drawn_from_a_perf_document(tmp_path: Path) -> None:
 
     assert main([str(path), "--out", str(tmp_path / "cli")]) == 0
     assert len(list((tmp_path / "cli").glob("*.png"))) == 4
+
+
+def test_pyspy_summary_counts_inclusive_shares_within_a_frame() -> None:
+    from benchmarks.perf.pyspy_top import top_frames
+
+    lines = [
+        "main (a.py:1);handle (s.py:5);validate (p.py:9) 6",
+        "main (a.py:1);handle (s.py:5);write (p.py:20) 2",
+        "main (a.py:1);idle (t.py:3) 10",
+    ]
+    samples, rows = top_frames(lines, within="handle", process="", count=5)
+    assert samples == 8
+    assert dict(rows) == {"handle (s.py:5)": 8, "validate (p.py:9)": 6, "write (p.py:20)": 2}

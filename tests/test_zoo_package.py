@@ -6,6 +6,7 @@ import io
 import json
 import pickle
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from common.package import (
     PackageLimits,
     decode_package,
     encode_package,
+    validate_package_file,
 )
 from common.zoo import (
     MAX_DEPTH,
@@ -516,3 +518,35 @@ def test_header_length_starting_with_pickle_or_zip_magic_is_still_accepted() -> 
         data = (len(header)).to_bytes(8, "little") + header + base[8 + header_len :]
         assert data[:1] == b"\x80" or data[:2] == b"PK"
         assert decode_package(data).labels == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("row", [0, 40, 95])
+def test_the_file_validator_reads_a_big_tensor_in_blocks_and_misses_no_nan(
+    row: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import common.package as package
+
+    monkeypatch.setattr(package, "FINITE_BLOCK", 7 * DIM * 4)  # 7 rows a block: body.0.weight is 14 blocks
+    model = make_model("mlp:96")
+    tensors = base_tensors(model)
+    path = tmp_path / "pkg.safetensors"
+    path.write_bytes(craft(tensors, base_metadata(model)))
+    assert validate_package_file(path).labels == LABELS
+    tensors["model.body.0.weight"][row, 5] = float("nan")
+    path.write_bytes(craft(tensors, base_metadata(model)))
+    with pytest.raises(PackageError, match=r"weight body\.0\.weight contains NaN or Inf"):
+        validate_package_file(path)
+    with pytest.raises(PackageError, match=r"weight body\.0\.weight contains NaN or Inf"):
+        decode_package(path.read_bytes())
+
+
+def test_the_file_validator_names_a_wrong_dtype_like_the_bytes_decoder(tmp_path: Path) -> None:
+    model = make_model()
+    tensors = {k: v.double() for k, v in base_tensors(model).items()}
+    path = tmp_path / "pkg.safetensors"
+    path.write_bytes(craft(tensors, base_metadata(model)))
+    with pytest.raises(PackageError) as from_file:
+        validate_package_file(path)
+    with pytest.raises(PackageError) as from_bytes:
+        decode_package(path.read_bytes())
+    assert str(from_file.value) == str(from_bytes.value) and "torch.float64" in str(from_file.value)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,18 @@ def _env() -> dict[str, str]:
     return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "GRPC_VERBOSITY": "ERROR", "OMP_NUM_THREADS": "1"}
 
 
+def _wait_listening(port: int, server: subprocess.Popen[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the Flower server exited (code {server.returncode}) before listening")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"the Flower server did not listen on port {port} within {timeout:.0f} s")
+
+
 def flower_rounds(python: str, size_bytes: int, rounds: int, timeout: float = 600) -> dict[str, Any]:
     """Start a Flower server and one client process; the server's per-round times (round 1 dropped)."""
     port = _free_port()
@@ -57,18 +70,22 @@ def flower_rounds(python: str, size_bytes: int, rounds: int, timeout: float = 60
         text=True,
         env=_env(),
     )
-    client = subprocess.Popen(
-        [python, str(SCRIPT), "client", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=_env(),
-    )
+    client: subprocess.Popen[bytes] | None = None
     try:
+        # a big payload takes the server seconds to build before it listens; a client started
+        # earlier gives up on the refused connection and the server would wait for it forever
+        _wait_listening(port, server, timeout=120)
+        client = subprocess.Popen(
+            [python, str(SCRIPT), "client", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=_env(),
+        )
         out, _ = server.communicate(timeout=timeout)
         client.wait(timeout=60)
     finally:
         for proc in (server, client):
-            if proc.poll() is None:
+            if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
     lines = [line for line in out.splitlines() if line.startswith("{")]
@@ -128,7 +145,11 @@ def run(sizes_mb: list[int], rounds: int, threads: int, flower_python: str | Non
         return result
     for size_mb in sizes_mb:
         size = size_mb * MB
-        flower = flower_rounds(python, size, rounds)
+        try:
+            flower = flower_rounds(python, size, rounds)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:  # say so, measure the other sizes
+            result["sizes"].append({"size_bytes": size, "error": f"Flower: {exc}"[:300]})
+            continue
         ours = our_rounds(size, rounds, threads)
         flower_s, ours_s = median(flower["round_s"]), median(ours["round_s"])
         result["flwr_version"] = flower.get("flwr")
@@ -142,5 +163,6 @@ def run(sizes_mb: list[int], rounds: int, threads: int, flower_python: str | Non
                 "ours_runs_s": ours["round_s"],
             }
         )
-    result["ratio_min"] = min(s["ratio"] for s in result["sizes"])
+    ratios = [s["ratio"] for s in result["sizes"] if "ratio" in s]
+    result["ratio_min"] = min(ratios) if ratios else None
     return result

@@ -30,6 +30,9 @@ def plot_transfer(doc: dict[str, Any], out: Path) -> Path | None:
         ax.plot(mb, [s[f"{way}_mb_s"] for s in sizes], "o-", label=f"fcl {way}")
         ax.plot(mb, [s[f"raw_{way}_mb_s"] for s in sizes], "s--", label="plain grpcio")
         ax.plot(mb, [s[f"verified_raw_{way}_mb_s"] for s in sizes], "^:", label="grpcio + sha256")
+        if all(f"durable_raw_{way}_mb_s" in s for s in sizes):
+            durable = [s[f"durable_raw_{way}_mb_s"] for s in sizes]
+            ax.plot(mb, durable, "v-.", label="grpcio + sha256 + disk + fsync")
         ax.set(xscale="log", xlabel="payload (MB)", ylabel="MB/s", title=way)
         ax.legend()
         ax.grid(alpha=0.3)
