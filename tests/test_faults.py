@@ -208,14 +208,14 @@ def test_real_client_rides_out_a_server_killed_mid_upload(tmp_path: Path, small_
     token, admin = enroll(state, "client-0"), enroll(state, "ops", admin=True)
     server = serve(state, tmp_path / "server-1.log", tmp_path)
     proxy = FaultProxy(server.port)
-    proxy.rate[UP] = 128 * KB
+    proxy.rate[UP] = 128 * KB  # mlp:1024: two upload chunks, so the kill lands between them
     stream = small_split / "clients" / "client-0"
     client = start_client(
-        proxy.target, "client-0", token, stream, "mlp:512", tmp_path / "w", tmp_path / "c.log"
+        proxy.target, "client-0", token, stream, "mlp:1024", tmp_path / "w", tmp_path / "c.log"
     )
     try:
         wait_until(
-            lambda: max(held_parts(state, "client-0").values(), default=0) >= 256 * KB, "mid-upload", 300
+            lambda: max(held_parts(state, "client-0").values(), default=0) >= CHUNK_SIZE, "mid-upload", 300
         )
         server.kill()
         ((upload_id, held),) = held_parts(state, "client-0").items()
