@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CHUNK_SIZE = 1024 * 1024  # upload chunk: a broken stream re-sends at most this (the server keeps the rest)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
+WATCH_POLL_S, WATCH_POLL_MAX_S = 1.0, 10.0  # pauses before watching a job again that is not final yet
 # gRPC's own reconnect backoff grows to 120 s by default; a restarted server should be found in seconds
 CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 4000)]
 
@@ -241,11 +242,17 @@ class Connection:
     def watch_job(
         self, job_id: int, on_event: Callable[[pb.JobEvent], None] | None = None, timeout: float = 3600.0
     ) -> pb.JobEvent:
-        """Follow a job to its final state (reconnecting if the stream breaks); returns the last event."""
+        """Follow a job to its final state; returns the last event. `on_event` sees each change once.
+
+        A busy server ends a watch before the job is final (it bounds how many streams wait and for how
+        long): then the job is watched again after a pause that grows to WATCH_POLL_MAX_S. A broken
+        stream is retried as any call is.
+        """
         final = {pb.JOB_STATE_DONE, pb.JOB_STATE_FAILED, pb.JOB_STATE_SUPERSEDED}
         deadline = time.monotonic() + timeout
+        seen: list[tuple[int, int]] = []  # (state, queue position) of the last event passed on
 
-        def attempt() -> pb.JobEvent:
+        def attempt() -> pb.JobEvent | None:
             remaining = max(1.0, deadline - time.monotonic())
             last: pb.JobEvent | None = None
             # read on to the end: the server closes the stream right after the final event, so the call
@@ -253,15 +260,21 @@ class Connection:
             for event in self.stub.WatchJob(
                 pb.WatchJobRequest(job_id=job_id), timeout=remaining, metadata=self.metadata
             ):
-                if on_event:
+                last = event
+                if on_event and seen[-1:] != [(event.state, event.queue_position)]:
                     on_event(event)
-                if event.state in final:
-                    last = event
+                seen[:] = [(event.state, event.queue_position)]
             if last is None:
-                raise StreamEnded(f"job {job_id} stream ended before a final state")
-            return last
+                raise StreamEnded(f"job {job_id} stream ended before any event")
+            return last if last.state in final else None
 
-        return self._retry("WatchJob", attempt)
+        pause = WATCH_POLL_S
+        while (event := self._retry("WatchJob", attempt)) is None:
+            if time.monotonic() + pause > deadline:
+                raise TimeoutError(f"job {job_id} is not final after {timeout:.0f}s")
+            time.sleep(pause * random.uniform(0.75, 1.0))
+            pause = min(WATCH_POLL_MAX_S, pause * 2)
+        return event
 
     def get_knowledge(
         self, scope: pb.HeadScope.ValueType = pb.HEAD_SCOPE_PERSONAL, version: int = 0, client_id: str = ""

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.config import OBODConfig
 from common.fm import DEFAULT_FM, FoundationModel, default_device
@@ -39,7 +39,12 @@ class ServerConfig(BaseModel):
     fm: str = DEFAULT_FM
     public_corpus: Path | None = Field(None, description="unlabeled text, one sentence per line")
     device: str = Field(default_factory=default_device)
-    max_workers: int = Field(32, ge=1)
+    max_workers: int = Field(32, ge=2, description="gRPC worker threads: calls served at once")
+    max_watchers: int | None = Field(
+        None, ge=1, description="open WatchJob streams at most (default: half of max_workers)"
+    )
+    worker_nice: int = Field(10, ge=0, le=19, description="niceness added to the distillation worker")
+    worker_yield_s: float = Field(5.0, ge=0, description="most a job pauses for in-flight uploads")
     obod: OBODConfig = Field(default_factory=OBODConfig)
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     uploads_per_minute: int = Field(60, ge=0, description="per client; 0 disables the limit")
@@ -55,6 +60,18 @@ class ServerConfig(BaseModel):
     @classmethod
     def _metrics_address(cls, value: str | None) -> str | None:
         return None if value is None else host_port(value)
+
+    @model_validator(mode="after")
+    def _watchers_leave_threads(self) -> ServerConfig:
+        if self.max_watchers is not None and self.max_watchers >= self.max_workers:
+            raise ValueError(
+                f"max_watchers ({self.max_watchers}) must be below max_workers ({self.max_workers}): "
+                "waiting WatchJob streams would otherwise hold every thread and stall all other calls"
+            )
+        return self
+
+    def watchers(self) -> int:
+        return self.max_watchers or max(1, self.max_workers // 2)
 
     def tls(self) -> TLSFiles:
         return TLSFiles(self.tls_cert, self.tls_key, self.tls_client_ca)
@@ -121,11 +138,21 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
         max_upload_bytes=config.max_upload_bytes,
         uploads_per_minute=config.uploads_per_minute,
         upload_mb_per_hour=config.upload_mb_per_hour,
+        max_watchers=config.watchers(),
     )
     service = FclService(state, blobs, fm_host, limits)
     metrics = ServerMetrics()
     worker = DistillationWorker(
-        state, blobs, fm_host, config.obod, service.notifier, config.device, observe=metrics.observe_job
+        state,
+        blobs,
+        fm_host,
+        config.obod,
+        service.notifier,
+        config.device,
+        observe=metrics.observe_job,
+        nice=config.worker_nice,
+        yield_to=service.uploads_in_flight,
+        max_yield_s=config.worker_yield_s,
     )
     metrics.watch_state(state, lambda: worker.busy)
 

@@ -7,6 +7,8 @@ import math
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,11 @@ class ServerLimits:
     partial_upload_ttl_s: float = 24 * 3600.0  # unfinished uploads are dropped after this long idle
     max_partial_uploads: int = 8  # per client; starting one more drops the least recently written
     upload_mb_per_hour: int = 1024  # MiB uploaded per client per hour; 0 disables the limit
+    # a WatchJob stream holds a gRPC worker thread while it waits: past max_watchers open streams a new
+    # one answers once and ends (the client polls again), and each ends after watch_slice_s, so waiting
+    # clients can never take every thread from the calls that do work
+    max_watchers: int = 16
+    watch_slice_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,35 @@ class JobNotifier:
             return self._tick
 
 
+class InFlight:
+    """Counts calls in progress, so background work can step aside while there are any."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._count = 0
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        with self._cond:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._count -= 1
+                if not self._count:
+                    self._cond.notify_all()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until none is in progress (True) or `timeout` seconds pass (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._count, timeout=timeout)
+
+
 class FclService:
     def __init__(self, state: State, blobs: BlobStore, fm_host: FMHost, limits: ServerLimits | None = None):
         self.state = state
@@ -127,6 +163,8 @@ class FclService:
         self.fm_host = fm_host
         self.limits = limits or ServerLimits()
         self.notifier = JobNotifier()
+        self.uploads_in_flight = InFlight()  # the distillation worker yields to these
+        self._watch_slots = threading.BoundedSemaphore(self.limits.max_watchers)
         self.upload_limiter = RateLimiter(self.limits.uploads_per_minute)
         # next to the blob store, under the state dir, but not in blobs/tmp (cleared at every start)
         self.partials = PartialUploads(
@@ -320,6 +358,17 @@ class FclService:
             raise FailedPrecondition("the package names a different FM digest than the server's")
 
     # -- jobs, heads, metrics, status ---------------------------------------------------------------
+    @contextmanager
+    def watch_slot(self) -> Iterator[float]:
+        """Seconds a WatchJob stream may stay open now: 0 when every slot is taken (answer once, end)."""
+        if not self._watch_slots.acquire(blocking=False):
+            yield 0.0
+            return
+        try:
+            yield self.limits.watch_slice_s
+        finally:
+            self._watch_slots.release()
+
     def job(self, principal: Principal, job_id: int) -> Job:
         job = self.state.job(job_id)
         if job is None or (not principal.is_admin and job.client_id != principal.name):

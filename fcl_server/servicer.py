@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -127,12 +128,13 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
         if earlier is not None:
             return convert.receipt(earlier)
         # bytes go to a resumable partial: if this stream breaks, the next one sends only the rest
-        writer = self.service.open_upload(principal, header)
-        try:
-            self._receive_chunks(request_iterator, writer)
-            return convert.receipt(self.service.finish_upload(principal, header, writer))
-        finally:
-            writer.close()
+        with self.service.uploads_in_flight.track():
+            writer = self.service.open_upload(principal, header)
+            try:
+                self._receive_chunks(request_iterator, writer)
+                return convert.receipt(self.service.finish_upload(principal, header, writer))
+            finally:
+                writer.close()
 
     def _receive_chunks(self, requests: Iterator[pb.UploadKnowledgeRequest], writer: PartialWriter) -> None:
         for msg in requests:
@@ -156,16 +158,19 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
     def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.JobEvent]:
         principal = self._auth(context)
         tick, last = 0, None
-        while context.is_active():
-            job = self.service.job(principal, request.job_id)
-            position = self.service.state.queue_position(job.job_id) if not job.state.final else 0
-            key = (job.state, position)
-            if key != last:
-                last = key
-                yield convert.job_event(job, position)
-            if job.state.final:
-                return
-            tick = self.service.notifier.wait(tick, timeout=1.0)
+        with self.service.watch_slot() as open_for:
+            ends = time.monotonic() + open_for
+            while context.is_active():
+                job = self.service.job(principal, request.job_id)
+                position = self.service.state.queue_position(job.job_id) if not job.state.final else 0
+                key = (job.state, position)
+                if key != last:
+                    last = key
+                    yield convert.job_event(job, position)
+                left = ends - time.monotonic()
+                if job.state.final or left <= 0:
+                    return  # not final: the client watches again (see ServerLimits.max_watchers)
+                tick = self.service.notifier.wait(tick, timeout=min(1.0, left))
 
     @maps_domain_errors
     def GetKnowledge(

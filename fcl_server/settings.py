@@ -60,6 +60,27 @@ class ServeSettings(LayeredSettings):
         "default: off)",
         examples=["127.0.0.1:8080"],
     )
+    max_workers: int = Field(32, ge=2, description="gRPC worker threads: calls served at once")
+    max_watchers: int | None = Field(
+        None,
+        ge=1,
+        description="WatchJob streams open at once, below max_workers; past it a watch answers once and "
+        "the client polls (default: half of max_workers)",
+        examples=[16],
+    )
+    worker_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="niceness added to the distillation worker thread, so bursts of uploads get the CPU "
+        "first (0: same priority as RPCs; Linux)",
+    )
+    worker_yield_s: float = Field(
+        5.0,
+        ge=0,
+        description="a distillation job pauses while uploads are in flight, for at most this many seconds "
+        "in all (0: never pauses)",
+    )
     log_level: str = Field("INFO", description=", ".join(LOG_LEVELS))
     log_format: LogFormat = Field("text", description="text (for people) or json (one object per line)")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,11 +18,28 @@ from common.logs import fields
 from common.package import KnowledgePackage, decode_package, decode_stats, encode_package, encode_stats
 from fcl_server.blobs import BlobStore
 from fcl_server.fm_host import FMHost
-from fcl_server.service import JobNotifier
+from fcl_server.service import InFlight, JobNotifier
 from fcl_server.state import GLOBAL, Job, State
 
 log = logging.getLogger(__name__)
 JobObserver = Callable[[str, float], None]  # (outcome: done | failed | interrupted, seconds)
+
+
+def lower_thread_priority(nice: int) -> bool:
+    """Make the calling thread (and threads it starts later) yield the CPU to RPC threads; Linux only.
+
+    Distillation is background work: when uploads arrive in a burst they should get the cores, and the
+    worker catches up when they are idle. False where the OS has no per-thread niceness.
+    """
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:
+        log.warning("could not lower the distillation worker's priority: %s", exc)
+        return False
+    return True
 
 
 class DistillationWorker:
@@ -35,8 +54,16 @@ class DistillationWorker:
         notifier: JobNotifier,
         device: str = "cpu",
         observe: JobObserver | None = None,
+        nice: int = 0,
+        yield_to: InFlight | None = None,
+        max_yield_s: float = 0.0,
     ) -> None:
         self.state, self.blobs, self.fm_host, self.cfg = state, blobs, fm_host, cfg
+        self.nice = nice
+        # uploads are waited on by clients, a job only by the queue: the job pauses between steps while
+        # uploads are in flight, for at most max_yield_s in all, so a busy server still distils
+        self.yield_to, self.max_yield_s = yield_to, max_yield_s
+        self.yielded_s = 0.0  # in the running job
         self.notifier = notifier
         self.observe = observe
         self.device = torch.device(device)
@@ -55,6 +82,8 @@ class DistillationWorker:
         return not self._thread.is_alive()
 
     def _loop(self) -> None:
+        # before any torch op here: the intra-op threads this thread starts inherit its priority
+        lower_thread_priority(self.nice)
         # U is needed by every job: compute (or load) it now, while clients are still training
         self.fm_host.public_features()
         tick = 0
@@ -110,7 +139,8 @@ class DistillationWorker:
             job.job_id,
             job.client_id,
             job.task_key,
-            what.replace("{s}", f"{seconds:.2f}s"),
+            what.replace("{s}", f"{seconds:.2f}s")
+            + (f" ({self.yielded_s:.2f}s of it paused for uploads)" if self.yielded_s >= 0.01 else ""),
             exc_info=exc_info,
             extra=fields(
                 event="job",
@@ -119,12 +149,24 @@ class DistillationWorker:
                 task_key=job.task_key,
                 outcome=outcome,
                 duration_ms=round(seconds * 1000, 1),
+                yielded_ms=round(self.yielded_s * 1000, 1),
                 global_version=versions[0] or None,
                 personal_version=versions[1] or None,
             ),
         )
 
+    def _checkpoint(self) -> bool:
+        """Between optimizer steps: step aside while uploads are in flight; True to stop the job."""
+        if self.yield_to is not None and self.yield_to.count:
+            while self.yielded_s < self.max_yield_s and self.yield_to.count and not self._stop.is_set():
+                started = time.perf_counter()
+                self.yield_to.wait_idle(min(0.1, self.max_yield_s - self.yielded_s))
+                self.yielded_s += time.perf_counter() - started
+        return self._stop.is_set()
+
     def _distill(self, job: Job) -> tuple[int, int]:
+        self.yielded_s = 0.0
+        self._checkpoint()
         pkg = decode_package(self.blobs.read(job.blob))
         teacher = Teacher(pkg.build().to(self.device), pkg.labels)
         current = self._global_head()
@@ -137,7 +179,7 @@ class DistillationWorker:
             public,
             self.cfg,
             seed=job.job_id,
-            cancel=self._stop.is_set,
+            cancel=self._checkpoint,
         )
         digest = self.fm_host.info.digest
         g_blob = self.blobs.put_bytes(encode_package(_head_package(out.global_head, digest)))

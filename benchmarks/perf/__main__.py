@@ -100,6 +100,32 @@ def goals(numbers: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def kept_parts(path: Path, rerun: list[str], doc: dict[str, Any]) -> dict[str, Any]:
+    """The parts of an earlier result that are not run again, each labelled with the command it came from."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    kept = {p: old[p] for p in PARTS if p in old and p not in rerun}
+    for name, part in kept.items():
+        part.setdefault("command", old.get("command"))
+        doc["plan"][name] = old.get("plan", {}).get(name)
+    return kept
+
+
+def git_commit() -> str:
+    """HEAD of the checkout the numbers come from, "+dirty" when it has uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.perf", description=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/perf.json")
@@ -108,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/clinc150", help="CLINC150")
     parser.add_argument("--flower-python", help="an interpreter with flwr installed (own virtualenv)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other parts already in --out (each part records the command and commit it came from)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     wanted = [p for p in args.parts.split(",") if p]
@@ -120,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(args.threads),
         "plan": {p: settings[p] for p in wanted},
     }
-    parts: dict[str, Any] = {}
+    parts: dict[str, Any] = kept_parts(args.out, wanted, doc) if args.update else {}
+    source = {"command": doc["command"], "commit": git_commit()}
 
     def save() -> None:
         numbers = headline(parts)
@@ -151,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 parts[part] = concurrency.run(s["counts"], s["settle_s"])
             elif part == "client":
                 parts[part] = run_client_cost(args.data, s["max_tasks"], args.threads)
+            parts[part].update(source)
             parts[part]["part_wall_s"] = time.perf_counter() - started
             parts[part]["load_average_after"] = load_average()
             save()
