@@ -34,7 +34,7 @@ def plan(quick: bool) -> dict[str, Any]:
             "flower": {"sizes_mb": [1, 16], "rounds": 2},
             "fe": {"batches": [64], "seq_lens": [32], "budget_tokens": 32 * 512, "repeat": 1},
             "jobs": {"corpus_sizes": [1_000, 15_000], "label_counts": [30, 150], "repeat": 1},
-            "concurrency": {"counts": [10, 200], "settle_s": 5.0},
+            "concurrency": {"counts": [10, 200], "settle_s": 5.0, "repeat": 1},
             "client": {"max_tasks": 1},
         }
     return {
@@ -47,7 +47,7 @@ def plan(quick: bool) -> dict[str, Any]:
             "repeat": 3,
         },
         "jobs": {"corpus_sizes": [1_000, 4_000, 15_000], "label_counts": [30, 150, 600], "repeat": 2},
-        "concurrency": {"counts": [10, 50, 200], "settle_s": 20.0},
+        "concurrency": {"counts": [10, 50, 200], "settle_s": 20.0, "repeat": 3},
         "client": {"max_tasks": 1_000},
     }
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             elif part == "jobs":
                 parts[part] = jobs.run(s["corpus_sizes"], s["label_counts"], s["repeat"])
             elif part == "concurrency":
-                parts[part] = concurrency.run(s["counts"], s["settle_s"])
+                parts[part] = concurrency.run(s["counts"], s["settle_s"], s["repeat"])
             elif part == "client":
                 parts[part] = run_client_cost(args.data, s["max_tasks"], args.threads)
             parts[part].update(source)
