@@ -38,6 +38,14 @@ def note_client(client_id: str) -> None:
         call.client_id = client_id
 
 
+def note_bytes(received: int = 0, sent: int = 0) -> None:
+    """Streaming handlers report the bytes they read and yield (sizing a 1 MB message re-encodes it)."""
+    call: CallRecord | None = getattr(_current, "call", None)
+    if call is not None:
+        call.bytes_in += received
+        call.bytes_out += sent
+
+
 def _size(message: Any) -> int:
     size = getattr(message, "ByteSize", None)
     return int(size()) if size is not None else 0
@@ -131,18 +139,11 @@ def _code(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
 def _begin(
     interceptor: ObservingInterceptor, service: str, method: str, request: Any, request_streaming: bool
 ) -> tuple[CallRecord, Any]:
-    """Open the call's record; a request stream is wrapped so its bytes are counted as they arrive."""
+    """Open the call's record; a request stream's bytes are reported by its handler (note_bytes)."""
     call = interceptor.start(service, method)
-    if request_streaming:
-        return call, _count_requests(call, request)
-    call.bytes_in = _size(request)
+    if not request_streaming:
+        call.bytes_in = _size(request)
     return call, request
-
-
-def _count_requests(call: CallRecord, requests: Iterator[Any]) -> Iterator[Any]:
-    for message in requests:
-        call.bytes_in += _size(message)
-        yield message
 
 
 def _unary_response(
@@ -176,9 +177,7 @@ def _stream_response(
     def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         call, request = _begin(interceptor, service, method, request, request_streaming)
         try:
-            for message in behavior(request, context):
-                call.bytes_out += _size(message)
-                yield message
+            yield from behavior(request, context)  # the handler reports its bytes (note_bytes)
         except GeneratorExit:  # the client went away mid-stream
             interceptor.finish(call, grpc.StatusCode.CANCELLED)
             raise

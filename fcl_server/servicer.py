@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.stubs.fcl.v1 import fcl_pb2_grpc
@@ -24,7 +25,7 @@ from fcl_server.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from fcl_server.interceptor import note_client
+from fcl_server.interceptor import note_bytes, note_client
 from fcl_server.partials import PartialWriter
 from fcl_server.service import FclService
 from fcl_server.state import Principal
@@ -42,6 +43,7 @@ _STATUS = {
     Aborted: grpc.StatusCode.ABORTED,
 }
 F = TypeVar("F", bound=Callable[..., Any])
+M = TypeVar("M", bound=Message)
 
 
 def _status_for(exc: DomainError) -> grpc.StatusCode:
@@ -65,6 +67,12 @@ def maps_domain_errors(method: F) -> F:
             context.abort(_status_for(exc), str(exc))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _noted(message: M) -> M:
+    """A small streamed message, its size reported to the call's metrics (chunks report len(data))."""
+    note_bytes(sent=message.ByteSize())
+    return message
 
 
 def _guard_stream(stream: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
@@ -111,8 +119,9 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
     ) -> Iterator[pb.FoundationModelChunk]:
         self._auth(context)
         info, path = self.service.fm_archive(request.offset, request.archive_sha256)
-        yield pb.FoundationModelChunk(info=convert.fm_info(info), offset=request.offset)
+        yield _noted(pb.FoundationModelChunk(info=convert.fm_info(info), offset=request.offset))
         for offset, block in stream_file(path, request.offset, self.chunk_size):
+            note_bytes(sent=len(block))
             yield pb.FoundationModelChunk(offset=offset, data=block)
 
     @maps_domain_errors
@@ -123,6 +132,7 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidArgument("the first UploadKnowledge message must be the header")
+        note_bytes(received=first.ByteSize())
         header = convert.upload_header(first.header)
         earlier = self.service.check_upload_header(principal, header)
         if earlier is not None:
@@ -142,6 +152,7 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
                 writer.abandon()
                 raise InvalidArgument("only chunks may follow the header")
             chunk = msg.chunk  # each read of a bytes field copies it: read it once
+            note_bytes(received=len(chunk))
             if len(chunk) > self.service.limits.max_chunk_bytes:
                 writer.abandon()
                 raise ResourceExhausted(f"chunk over {self.service.limits.max_chunk_bytes} bytes")
@@ -166,7 +177,7 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
                 key = (job.state, position)
                 if key != last:
                     last = key
-                    yield convert.job_event(job, position)
+                    yield _noted(convert.job_event(job, position))
                 left = ends - time.monotonic()
                 if job.state.final or left <= 0:
                     return  # not final: the client watches again (see ServerLimits.max_watchers)
@@ -179,8 +190,9 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
         principal = self._auth(context)
         scope = convert.head_scope(request.scope)
         head, path = self.service.head(principal, scope, request.client_id, request.version)
-        yield pb.KnowledgeChunk(header=convert.knowledge_header(head, path.stat().st_size))
+        yield _noted(pb.KnowledgeChunk(header=convert.knowledge_header(head, path.stat().st_size)))
         for _, block in stream_file(path, 0, self.chunk_size):
+            note_bytes(sent=len(block))
             yield pb.KnowledgeChunk(chunk=block)
 
     @maps_domain_errors
