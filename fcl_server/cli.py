@@ -53,9 +53,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "revoke":
             return revoke(args.state_dir, args.client_id)
     except (ValidationError, FoundationModelError, ValueError, OSError) as exc:
-        print(f"fcl-server: error: {exc}", file=sys.stderr)
+        print(f"fcl-server: error: {_explain(exc)}", file=sys.stderr)
         return 2
     return 2
+
+
+def _explain(exc: Exception) -> str:
+    """The problem in a sentence: pydantic's own text adds the input dump and a docs link."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    return "; ".join(
+        ".".join(map(str, err["loc"])) + ": " * bool(err["loc"]) + err["msg"].removeprefix("Value error, ")
+        for err in exc.errors()
+    )
 
 
 TOKEN_PREFIX = "fcl_"

@@ -16,6 +16,7 @@ from common.fm import FoundationModel
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from fcl_client.connection import Connection
 from fcl_server.app import ServerConfig
+from fcl_server.cli import main as server_cli
 from fcl_server.worker import DistillationWorker
 from tests.servers import enroll, inprocess_server, package_bytes
 
@@ -92,3 +93,12 @@ def test_watch_slots_must_leave_a_thread_free() -> None:
     with pytest.raises(ValidationError, match=r"max_watchers \(4\) must be below max_workers"):
         ServerConfig(state_dir=Path("unused"), max_workers=4, max_watchers=4)
     assert ServerConfig(state_dir=Path("unused"), max_workers=10).watchers() == 5
+
+
+def test_serve_refuses_watch_slots_that_take_every_thread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["serve", "--state-dir", str(tmp_path), "--max-workers", "4", "--max-watchers", "4"]
+    assert server_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "max_watchers (4) must be below max_workers (4)" in err and "pydantic.dev" not in err
