@@ -137,8 +137,10 @@ class PartialUploads:
                 view = view[written or 0 :]
 
     def _seal(self, writer: PartialWriter, dest: Path) -> None:
-        """Move the complete bytes to `dest` (atomically, so no later stream can touch them); forget it."""
-        os.fsync(writer.fh.fileno())  # outside the locks: other uploads keep writing meanwhile
+        """Move the complete bytes to `dest` (atomically, so no later stream can touch them); forget it.
+
+        `dest` is not flushed yet: the caller fsyncs it before anything depends on it being on disk.
+        """
         with self._stripe(writer.client, writer.upload_id), self._lock:
             self._check_owner(writer)
             writer.fh.close()
