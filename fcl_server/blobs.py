@@ -5,33 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import threading
 from pathlib import Path
-
-
-class BackgroundFsync:
-    """fsync a file on a helper thread, so the disk flush overlaps the caller's CPU work (validation)."""
-
-    def __init__(self, path: Path) -> None:
-        self._error: OSError | None = None
-        self._thread = threading.Thread(target=self._flush, args=(path,), name="fsync", daemon=True)
-        self._thread.start()
-
-    def _flush(self, path: Path) -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY)  # fsync flushes the file's pages whatever the fd's mode
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            self._error = exc
-
-    def wait(self) -> None:
-        """Return once the bytes are on disk; raises what the flush raised."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
 
 
 class BlobStore:

@@ -137,10 +137,8 @@ class PartialUploads:
                 view = view[written or 0 :]
 
     def _seal(self, writer: PartialWriter, dest: Path) -> None:
-        """Move the complete bytes to `dest` (atomically, so no later stream can touch them); forget it.
-
-        `dest` is not flushed yet: the caller fsyncs it before anything depends on it being on disk.
-        """
+        """Move the complete bytes to `dest` (atomically, so no later stream can touch them); forget it."""
+        os.fsync(writer.fh.fileno())  # outside the locks: other uploads keep writing meanwhile
         with self._stripe(writer.client, writer.upload_id), self._lock:
             self._check_owner(writer)
             writer.fh.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import re
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from common import __version__
 from common.package import PackageError, PackageLimits, validate_package_file
-from fcl_server.blobs import BackgroundFsync, BlobStore
+from fcl_server.blobs import BlobStore
 from fcl_server.errors import (
     Aborted,
     FailedPrecondition,
@@ -280,20 +279,16 @@ class FclService:
     def accept_upload(
         self, principal: Principal, header: UploadHeader, tmp: Path, size: int, sha256: str
     ) -> Receipt:
-        """Validate a fully received package (`tmp`, not yet flushed) and queue its distillation job."""
+        """Validate a fully received package and queue its distillation job."""
         client = self._client(principal)
-        flushing = BackgroundFsync(tmp)  # the disk flush overlaps the checks below
         try:
             if size != header.size:
                 raise InvalidArgument(f"received {size} bytes but the header announced {header.size}")
             if sha256 != header.sha256:
                 raise InvalidArgument("sha256 of the received bytes does not match the header; upload again")
             self._validate_package(tmp)  # one tensor at a time: memory does not grow with the upload
-            flushing.wait()  # durable before the blob store and the database name it
             self.blobs.put_file(tmp, sha256)
         finally:
-            with contextlib.suppress(OSError):
-                flushing.wait()  # a refused upload: let the flush end before its file goes
             tmp.unlink(missing_ok=True)
         job_id, duplicate = self.state.add_upload_and_job(  # also touches the client
             client, header.upload_id, header.task_key, header.task_index, size, sha256

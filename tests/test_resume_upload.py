@@ -17,7 +17,6 @@ from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.stubs.fcl.v1 import fcl_pb2_grpc
 from fcl_client.connection import Connection
 from fcl_server.app import RunningServer
-from fcl_server.blobs import BackgroundFsync
 from fcl_server.errors import Aborted
 from fcl_server.partials import PartialMeta, PartialUploads
 from fcl_server.servicer import FclServicer
@@ -295,14 +294,3 @@ def _unavailable() -> grpc.RpcError:
             return "link down"
 
     return Unavailable()
-
-
-def test_background_fsync_waits_for_the_flush_and_reports_its_error(tmp_path: Path) -> None:
-    sealed = tmp_path / "sealed"
-    sealed.write_bytes(b"x" * 4096)
-    flushing = BackgroundFsync(sealed)
-    flushing.wait()
-    flushing.wait()  # idempotent: accept_upload waits again on its way out
-    missing = BackgroundFsync(tmp_path / "gone")
-    with pytest.raises(FileNotFoundError):
-        missing.wait()
