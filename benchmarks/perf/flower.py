@@ -126,6 +126,11 @@ def our_rounds(size_bytes: int, rounds: int, threads: int) -> dict[str, Any]:
     return {"round_s": times, "bytes_up": len(data)}
 
 
+def rounds_for(size_mb: int, rounds: int) -> int:
+    """More rounds for small payloads: their few milliseconds vary more from round to round."""
+    return max(rounds, rounds * 16 // max(1, size_mb))
+
+
 def run(sizes_mb: list[int], rounds: int, threads: int, flower_python: str | None) -> dict[str, Any]:
     python, why = find_flower_python(flower_python)
     result: dict[str, Any] = {
@@ -134,7 +139,9 @@ def run(sizes_mb: list[int], rounds: int, threads: int, flower_python: str | Non
             "(flwr.server.start_server / flwr.client.start_client), one round = server sends float32 "
             "arrays of the size, the client's fit() returns them; ours: Connection.upload of a valid "
             "package of the size + Connection.download_fm of a blob of the same size (sha256-verified, to "
-            "disk); ratio = Flower round seconds / ours (>= 1: ours no slower); medians, first round dropped"
+            "disk); ratio = Flower round seconds / ours (>= 1: ours no slower); medians, first round "
+            "dropped; "
+            "rounds × 16 MB / size of them below 16 MB, so a round of milliseconds is timed often enough"
         ),
         "flower_python": python,
         "sizes": [],
@@ -145,12 +152,13 @@ def run(sizes_mb: list[int], rounds: int, threads: int, flower_python: str | Non
         return result
     for size_mb in sizes_mb:
         size = size_mb * MB
+        n = rounds_for(size_mb, rounds)
         try:
-            flower = flower_rounds(python, size, rounds)
+            flower = flower_rounds(python, size, n)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:  # say so, measure the other sizes
             result["sizes"].append({"size_bytes": size, "error": f"Flower: {exc}"[:300]})
             continue
-        ours = our_rounds(size, rounds, threads)
+        ours = our_rounds(size, n, threads)
         flower_s, ours_s = median(flower["round_s"]), median(ours["round_s"])
         result["flwr_version"] = flower.get("flwr")
         result["sizes"].append(
