@@ -20,7 +20,9 @@ from tests.servers import inprocess_server
 @pytest.fixture
 def server(tmp_path: Path, fm: FoundationModel) -> Iterator[RunningServer]:
     running = inprocess_server(tmp_path, fm, worker_yield_s=0.6)
-    running.worker.stop(timeout=60)  # its checkpoint is driven by the test here
+    running.worker.stop(timeout=60)  # its checkpoint is driven by the test here, as if a job ran
+    running.worker._stop.clear()
+    running.worker.yielded_s = 0.0
     yield running
     running.stop(grace=1)
 
@@ -41,8 +43,6 @@ def _upload_for(server: RunningServer, seconds: float) -> threading.Thread:
 
 def test_job_pauses_until_the_upload_in_flight_ends(server: RunningServer) -> None:
     worker = server.worker
-    worker._stop.clear()
-    worker.yielded_s = 0.0
     upload = _upload_for(server, 0.25)
     started = time.perf_counter()
     assert worker._checkpoint() is False  # not stopping: the job goes on after the pause
@@ -54,8 +54,6 @@ def test_job_pauses_until_the_upload_in_flight_ends(server: RunningServer) -> No
 
 def test_pauses_of_one_job_stay_within_its_budget(server: RunningServer) -> None:
     worker = server.worker
-    worker._stop.clear()
-    worker.yielded_s = 0.0
     upload = _upload_for(server, 3.0)
     started = time.perf_counter()
     worker._checkpoint()
