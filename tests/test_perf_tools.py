@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from benchmarks.perf import jobs, transfer
-from benchmarks.perf.__main__ import goals, headline
+from benchmarks.perf import concurrency, flower, jobs, transfer
+from benchmarks.perf.__main__ import goals, headline, kept_parts
 from benchmarks.perf.harness import package_of_size
 from benchmarks.perf.plots import is_perf_doc, render_perf
 from benchmarks.perf.util import percentile
@@ -139,3 +140,38 @@ def test_pyspy_summary_counts_inclusive_shares_within_a_frame() -> None:
     samples, rows = top_frames(lines, within="handle", process="", count=5)
     assert samples == 8
     assert dict(rows) == {"handle (s.py:5)": 8, "validate (p.py:9)": 6, "write (p.py:20)": 2}
+
+
+def test_update_keeps_the_parts_not_run_again_with_their_command(tmp_path: Path) -> None:
+    earlier = tmp_path / "perf.json"
+    earlier.write_text(
+        json.dumps(
+            {
+                "command": "python -m benchmarks.perf",
+                "plan": {"fe": {"batches": [64]}, "jobs": {"repeat": 2}},
+                "fe": {"ratio_min_batch_ge_64": 0.6},
+                "jobs": {"job_s_15k_150": 4.0, "command": "python -m benchmarks.perf --parts jobs"},
+            }
+        )
+    )
+    doc: dict[str, Any] = {"plan": {}}
+    kept = kept_parts(earlier, ["jobs", "concurrency"], doc)
+    assert kept == {"fe": {"ratio_min_batch_ge_64": 0.6, "command": "python -m benchmarks.perf"}}
+    assert doc["plan"] == {"fe": {"batches": [64]}}
+    assert kept_parts(tmp_path / "absent.json", [], doc) == {}
+
+
+def test_concurrency_reports_the_median_burst_and_every_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    p99s = iter([3.0, 1.0, 2.0])
+    errors = iter([0, 2, 1])
+
+    def fake_burst(clients: int, size_mb: float, settle_s: float, max_workers: int) -> dict[str, Any]:
+        return {"clients": clients, "p50_s": 0.5, "p99_s": next(p99s), "errors": next(errors)}
+
+    monkeypatch.setattr(concurrency, "burst", fake_burst)
+    (burst,) = concurrency.run([200], settle_s=0.0, repeat=3)["bursts"]
+    assert burst["p99_s"] == 2.0 and burst["p99_runs_s"] == [1.0, 2.0, 3.0] and burst["errors"] == 3
+
+
+def test_small_flower_payloads_get_more_rounds() -> None:
+    assert [flower.rounds_for(mb, 3) for mb in (1, 16, 256)] == [48, 3, 3]
