@@ -166,14 +166,13 @@ class _FileTensors(Mapping[str, torch.Tensor]):
         code = view.get_dtype()
         return tuple(view.get_shape()), _ST_DTYPES.get(code, code)
 
-    def all_finite(self, name: str) -> bool:
+    def all_finite(self, name: str, dtype: torch.dtype | str) -> bool:
         """No NaN/Inf in a float tensor: its bytes, mapped from the file, checked FINITE_BLOCK at a time.
 
         A value is NaN or Inf exactly when all its exponent bits are set, so one mask test per element
         covers float32, float16 and bfloat16 alike; memory stays flat and nothing is copied.
         """
-        code = self._handle.get_slice(name).get_dtype()
-        unsigned, exponent = _EXPONENT_MASKS[code]
+        unsigned, exponent = _EXPONENT_MASKS[dtype]
         begin, end = self._data_range(name)
         step = FINITE_BLOCK - FINITE_BLOCK % unsigned.itemsize
         mapped = self._map()
@@ -212,11 +211,11 @@ class _FileTensors(Mapping[str, torch.Tensor]):
 
 
 FINITE_BLOCK = 4 * 1024 * 1024
-# float dtype code -> (unsigned integer of its width, the mask of its exponent bits)
-_EXPONENT_MASKS: dict[str, tuple[np.dtype[Any], Any]] = {
-    "F32": (np.dtype("<u4"), np.uint32(0x7F800000)),
-    "F16": (np.dtype("<u2"), np.uint16(0x7C00)),
-    "BF16": (np.dtype("<u2"), np.uint16(0x7F80)),
+# float dtype -> (unsigned integer of its width, the mask of its exponent bits)
+_EXPONENT_MASKS: dict[torch.dtype | str, tuple[np.dtype[Any], Any]] = {
+    torch.float32: (np.dtype("<u4"), np.uint32(0x7F800000)),
+    torch.float16: (np.dtype("<u2"), np.uint16(0x7C00)),
+    torch.bfloat16: (np.dtype("<u2"), np.uint16(0x7F80)),
 }
 # safetensors dtype codes as torch names them (an error message must read the same from bytes or a file)
 _ST_DTYPES: dict[str, torch.dtype] = {
@@ -356,7 +355,7 @@ def _describe(
     """Shape, dtype and a finiteness check of one tensor; on disk without loading it whole."""
     if isinstance(tensors, _FileTensors):
         shape, dtype = tensors.describe(key)
-        return shape, dtype, lambda: tensors.all_finite(key)
+        return shape, dtype, lambda: tensors.all_finite(key, dtype)
     tensor = tensors[key]
     return tuple(tensor.shape), tensor.dtype, lambda: bool(torch.isfinite(tensor).all())
 

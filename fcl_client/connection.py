@@ -250,9 +250,10 @@ class Connection:
         """
         final = {pb.JOB_STATE_DONE, pb.JOB_STATE_FAILED, pb.JOB_STATE_SUPERSEDED}
         deadline = time.monotonic() + timeout
-        seen: list[tuple[int, int]] = []  # (state, queue position) of the last event passed on
+        shown: tuple[int, int] | None = None  # (state, queue position) of the last event passed on
 
         def attempt() -> pb.JobEvent | None:
+            nonlocal shown
             remaining = max(1.0, deadline - time.monotonic())
             last: pb.JobEvent | None = None
             # read on to the end: the server closes the stream right after the final event, so the call
@@ -261,9 +262,9 @@ class Connection:
                 pb.WatchJobRequest(job_id=job_id), timeout=remaining, metadata=self.metadata
             ):
                 last = event
-                if on_event and seen[-1:] != [(event.state, event.queue_position)]:
+                if on_event and shown != (event.state, event.queue_position):
                     on_event(event)
-                seen[:] = [(event.state, event.queue_position)]
+                shown = (event.state, event.queue_position)
             if last is None:
                 raise StreamEnded(f"job {job_id} stream ended before any event")
             return last if last.state in final else None

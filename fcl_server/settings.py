@@ -13,6 +13,8 @@ from common.logs import LOG_LEVELS, LogFormat, log_level
 from common.settings import LayeredSettings, host_port
 from fcl_server.app import ServerConfig
 
+_SERVER = ServerConfig.model_fields
+
 
 class ServeSettings(LayeredSettings):
     """Every option of `fcl-server serve`; the order here is the order of --help and the example file."""
@@ -60,7 +62,9 @@ class ServeSettings(LayeredSettings):
         "default: off)",
         examples=["127.0.0.1:8080"],
     )
-    max_workers: int = Field(32, ge=2, description="gRPC worker threads: calls served at once")
+    max_workers: int = Field(
+        _SERVER["max_workers"].default, ge=2, description=_SERVER["max_workers"].description
+    )
     max_watchers: int | None = Field(
         None,
         ge=1,
@@ -69,14 +73,14 @@ class ServeSettings(LayeredSettings):
         examples=[16],
     )
     worker_nice: int = Field(
-        10,
+        _SERVER["worker_nice"].default,
         ge=0,
         le=19,
         description="niceness added to the distillation worker thread, so bursts of uploads get the CPU "
         "first (0: same priority as RPCs; Linux)",
     )
     worker_yield_s: float = Field(
-        5.0,
+        _SERVER["worker_yield_s"].default,
         ge=0,
         description="a distillation job pauses while uploads are in flight, for at most this many seconds "
         "in all (0: never pauses)",

@@ -157,11 +157,13 @@ class DistillationWorker:
 
     def _checkpoint(self) -> bool:
         """Between optimizer steps: step aside while uploads are in flight; True to stop the job."""
-        if self.yield_to is not None and self.yield_to.count:
-            while self.yielded_s < self.max_yield_s and self.yield_to.count and not self._stop.is_set():
-                started = time.perf_counter()
-                self.yield_to.wait_idle(min(0.1, self.max_yield_s - self.yielded_s))
-                self.yielded_s += time.perf_counter() - started
+        uploads = self.yield_to
+        while uploads is not None and uploads.count and self.yielded_s < self.max_yield_s:
+            if self._stop.is_set():
+                break
+            started = time.perf_counter()
+            uploads.wait_idle(min(0.1, self.max_yield_s - self.yielded_s))
+            self.yielded_s += time.perf_counter() - started
         return self._stop.is_set()
 
     def _distill(self, job: Job) -> tuple[int, int]:
