@@ -102,6 +102,7 @@ class RunningServer:
         """Stop accepting calls, let in-flight ones finish, finish the running job, close the database."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.service.close()
         if not self.worker.stop(timeout=120):
             log.warning("distillation worker did not stop in time; its job is re-queued at the next start")
         if self.dashboard is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 
@@ -42,9 +43,8 @@ class BlobStore:
         return digest
 
     def new_temp(self) -> Path:
-        fd, tmp = tempfile.mkstemp(dir=self.tmp, suffix=".part")
-        os.close(fd)
-        return Path(tmp)
+        """A fresh name in the temp dir; nothing is created (the caller's write or rename makes it)."""
+        return self.tmp / f"{uuid.uuid4().hex}.part"
 
     def read(self, digest: str) -> bytes:
         return self.path(digest).read_bytes()

@@ -137,11 +137,12 @@ class PartialUploads:
                 view = view[written or 0 :]
 
     def _seal(self, writer: PartialWriter, dest: Path) -> None:
-        """Move the complete bytes to `dest` (atomically, so no later stream can touch them); forget it."""
-        os.fsync(writer.fh.fileno())  # outside the locks: other uploads keep writing meanwhile
+        """Move the complete bytes to `dest` (atomically, so no later stream can touch them); forget it.
+
+        The file stays open: the caller fsyncs it (`writer.sync`) before it acknowledges the bytes.
+        """
         with self._stripe(writer.client, writer.upload_id), self._lock:
             self._check_owner(writer)
-            writer.fh.close()
             part, meta_path = self._paths(writer.client, writer.upload_id)
             os.replace(part, dest)
             meta_path.unlink(missing_ok=True)
@@ -241,6 +242,10 @@ class PartialWriter:
     def seal(self, dest: Path) -> None:
         self.store._seal(self, dest)
         self.sealed = True
+
+    def sync(self) -> None:
+        """Flush the written bytes to disk (through this stream's own descriptor, so no error is missed)."""
+        os.fsync(self.fh.fileno())
 
     def close(self) -> None:
         """End of this stream without sealing: the bytes stay for a resume."""

@@ -7,7 +7,8 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 SERVER_VERSION = __version__
+HELPER_THREADS = 4  # the GIL runs one at a time; more only queue
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,8 @@ class FclService:
         self.uploads_in_flight = InFlight()  # the distillation worker yields to these
         self._watch_slots = threading.BoundedSemaphore(self.limits.max_watchers)
         self.upload_limiter = RateLimiter(self.limits.uploads_per_minute)
+        # validates uploads while their handler thread waits on the disk
+        self._helpers = futures.ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="fcl-upload")
         # next to the blob store, under the state dir, but not in blobs/tmp (cleared at every start)
         self.partials = PartialUploads(
             blobs.root.parent / "partial-uploads",
@@ -174,6 +178,10 @@ class FclService:
         )
         self.upload_quota = ByteQuota(self.limits.upload_mb_per_hour)
         self.started = time.time()
+
+    def close(self) -> None:
+        """Release the helper threads (after the gRPC server stopped: no upload is finishing)."""
+        self._helpers.shutdown(wait=True)
 
     # -- auth -----------------------------------------------------------------------------------
     def authenticate(self, token: str | None) -> Principal:
@@ -277,16 +285,31 @@ class FclService:
             )
 
     def accept_upload(
-        self, principal: Principal, header: UploadHeader, tmp: Path, size: int, sha256: str
+        self,
+        principal: Principal,
+        header: UploadHeader,
+        tmp: Path,
+        size: int,
+        sha256: str,
+        sync: Callable[[], None] = lambda: None,
     ) -> Receipt:
-        """Validate a fully received package and queue its distillation job."""
+        """Validate a fully received package, make it durable (`sync`) and queue its distillation job.
+
+        The package is validated on a helper thread while this one waits in `sync` (an fsync, which
+        releases the GIL): the disk and the CPU work at once, and both finish before the receipt.
+        """
         client = self._client(principal)
         try:
             if size != header.size:
                 raise InvalidArgument(f"received {size} bytes but the header announced {header.size}")
             if sha256 != header.sha256:
                 raise InvalidArgument("sha256 of the received bytes does not match the header; upload again")
-            self._validate_package(tmp)  # one tensor at a time: memory does not grow with the upload
+            validated = self._helpers.submit(self._validate_package, tmp)
+            try:
+                sync()
+            finally:
+                futures.wait([validated])
+            validated.result()  # one tensor at a time: memory does not grow with the upload
             self.blobs.put_file(tmp, sha256)
         finally:
             tmp.unlink(missing_ok=True)
@@ -317,7 +340,7 @@ class FclService:
                 "the resumed upload does not match its sha256 (the bytes held from an earlier stream "
                 "were damaged); they were dropped: upload again from offset 0"
             )
-        receipt = self.accept_upload(principal, header, tmp, writer.committed, digest)
+        receipt = self.accept_upload(principal, header, tmp, writer.committed, digest, writer.sync)
         log.info(
             "upload %s of %s accepted: %d bytes (%d resumed from an earlier stream), job %d",
             header.upload_id,

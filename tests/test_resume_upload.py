@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -17,9 +18,11 @@ from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.stubs.fcl.v1 import fcl_pb2_grpc
 from fcl_client.connection import Connection
 from fcl_server.app import RunningServer
+from fcl_server.blobs import BlobStore
 from fcl_server.errors import Aborted
-from fcl_server.partials import PartialMeta, PartialUploads
+from fcl_server.partials import PartialMeta, PartialUploads, PartialWriter
 from fcl_server.servicer import FclServicer
+from fcl_server.service import FclService
 from tests.servers import inprocess_server, package_bytes
 
 CHUNK = 64 * 1024
@@ -294,3 +297,45 @@ def _unavailable() -> grpc.RpcError:
             return "link down"
 
     return Unavailable()
+
+
+def test_an_upload_is_fsynced_while_validated_and_stored_only_once_both_are_done(
+    server: RunningServer, stub: fcl_pb2_grpc.FclServiceStub, fm: FoundationModel, data: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events: list[tuple[str, int]] = []
+    real_sync, real_validate, real_put = (
+        PartialWriter.sync,
+        FclService._validate_package,
+        BlobStore.put_file,
+    )
+
+    def sync(self: PartialWriter) -> None:
+        events.append(("sync", threading.get_ident()))
+        real_sync(self)
+        assert not self.fh.closed  # the fsync went through the stream's own, still open, descriptor
+        events.append(("synced", threading.get_ident()))
+
+    def validate(self: FclService, path: Path) -> None:
+        time.sleep(0.05)  # a slow validation: the fsync must not wait for it to start
+        events.append(("validating", threading.get_ident()))
+        real_validate(self, path)
+
+    def put_file(self: BlobStore, tmp: Path, digest: str) -> str:
+        events.append(("stored", threading.get_ident()))
+        return real_put(self, tmp, digest)
+
+    monkeypatch.setattr(PartialWriter, "sync", sync)
+    monkeypatch.setattr(FclService, "_validate_package", validate)
+    monkeypatch.setattr(BlobStore, "put_file", put_file)
+    send(stub, stream(data, "durable-1"), fm)
+    names = [name for name, _ in events]
+    assert names == ["sync", "synced", "validating", "stored"]
+    threads = dict(events)
+    assert threads["validating"] != threads["sync"]  # validated on a helper while the handler fsyncs
+    # a package that fails validation is still fsynced to the end (its descriptor closes only after)
+    # and never stored
+    events.clear()
+    garbage = b"\x08" + bytes(len(data) - 1)
+    assert code_of(lambda: send(stub, stream(garbage, "durable-2"), fm)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert [name for name, _ in events] == ["sync", "synced", "validating"]

@@ -441,13 +441,17 @@ def stats_tensors(n: int, dim: int = DIM) -> dict[str, torch.Tensor]:
     }
 
 
-def test_hand_crafted_stats_are_accepted() -> None:
+def test_hand_crafted_stats_are_accepted(tmp_path: Path) -> None:
     model = make_model()
     meta = dict(base_metadata(model), stats_labels=json.dumps(LABELS[:2]))
     out = decode_package(craft({**base_tensors(model), **stats_tensors(2)}, meta))
     assert out.stats is not None
     assert out.stats.labels() == sorted(LABELS[:2])
     assert out.stats.stats[LABELS[0]].count == 4
+    path = tmp_path / "pkg.safetensors"
+    path.write_bytes(craft({**base_tensors(model), **stats_tensors(2)}, meta))
+    checked = validate_package_file(path)  # checks the statistics without building a bank of them
+    assert (checked.labels, checked.weights, checked.stats) == (LABELS, {}, None)
 
 
 @pytest.mark.parametrize(
@@ -476,16 +480,23 @@ def test_rejects_stats_with_wrong_shape(replace: dict[str, torch.Tensor], stats_
         ({"stats.count": torch.tensor([4.0, -1.0])}, LABELS[:2], "non-positive"),
         ({"stats.std": torch.full((2, DIM), float("nan"))}, LABELS[:2], "NaN"),
         ({"stats.mean": torch.full((2, DIM), float("inf"))}, LABELS[:2], "NaN"),
+        ({"stats.mean": torch.full((2, DIM), float("nan"), dtype=torch.bfloat16)}, LABELS[:2], "NaN"),
+        ({"stats.std": torch.full((2, DIM), float("inf"), dtype=torch.float16)}, LABELS[:2], "NaN"),
     ],
 )
 def test_rejects_bad_stats_values(
-    replace: dict[str, torch.Tensor], stats_labels: list[str], fragment: str
+    replace: dict[str, torch.Tensor], stats_labels: list[str], fragment: str, tmp_path: Path
 ) -> None:
     model = make_model()
     tensors = {**base_tensors(model), **stats_tensors(2), **replace}
     meta = dict(base_metadata(model), stats_labels=json.dumps(stats_labels))
-    with pytest.raises(PackageError, match=fragment):
+    with pytest.raises(PackageError, match=fragment) as from_bytes:
         decode_package(craft(tensors, meta))
+    path = tmp_path / "pkg.safetensors"
+    path.write_bytes(craft(tensors, meta))
+    with pytest.raises(PackageError) as from_file:  # the server's check reads the statistics itself
+        validate_package_file(path)
+    assert str(from_file.value) == str(from_bytes.value)
 
 
 def test_rejects_incomplete_stats() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -97,7 +98,12 @@ def flower_rounds(python: str, size_bytes: int, rounds: int, timeout: float = 60
 
 
 def our_rounds(size_bytes: int, rounds: int, threads: int) -> dict[str, Any]:
-    """One upload (a valid package of `size_bytes`) plus one download of the same size, `rounds` + 1 times."""
+    """One upload (a new valid package of `size_bytes`) plus one download of it, `rounds` + 1 times.
+
+    Each round uploads other bytes, as a client's next task does (the same bytes again would only be
+    deduplicated by the blob store); the downloaded file is removed between rounds, untimed, as Flower
+    keeps no file either.
+    """
     with tempfile.TemporaryDirectory(prefix="fcl-perf-flower-") as tmp:
         root = Path(tmp)
         server = ServerProcess(
@@ -111,19 +117,22 @@ def our_rounds(size_bytes: int, rounds: int, threads: int) -> dict[str, Any]:
         )
         try:
             info = server.info
-            data = package_of_size(info["fm_digest"], size_bytes)
+            dest = root / "download.tar"
+            times = []
             with Connection(f"127.0.0.1:{info['port']}", info["tokens"][0], timeout=600) as conn:
                 conn.register("client-0", info["fm_digest"])
-
-                def one_round() -> None:
-                    conn.upload(data, uuid.uuid4().hex, "task-0", 0, info["fm_digest"], fresh=True)
-                    conn.download_fm(root / "download.tar")
-                    (root / "download.tar").unlink()
-
-                times = [timed(one_round)[0] for _ in range(rounds + 1)][1:]
+                for seed in range(rounds + 1):
+                    data = package_of_size(info["fm_digest"], size_bytes, seed=seed)
+                    dest.unlink(missing_ok=True)
+                    times.append(timed(functools.partial(one_round, conn, data, info["fm_digest"], dest))[0])
         finally:
             server.close()
-    return {"round_s": times, "bytes_up": len(data)}
+    return {"round_s": times[1:], "bytes_up": len(data)}
+
+
+def one_round(conn: Connection, data: bytes, fm_digest: str, dest: Path) -> None:
+    conn.upload(data, uuid.uuid4().hex, "task-0", 0, fm_digest, fresh=True)
+    conn.download_fm(dest)
 
 
 def rounds_for(size_mb: int, rounds: int) -> int:
@@ -138,9 +147,9 @@ def run(sizes_mb: list[int], rounds: int, threads: int, flower_python: str | Non
             "separate server and client processes on loopback, both sides; Flower: legacy gRPC transport "
             "(flwr.server.start_server / flwr.client.start_client), one round = server sends float32 "
             "arrays of the size, the client's fit() returns them; ours: Connection.upload of a valid "
-            "package of the size + Connection.download_fm of a blob of the same size (sha256-verified, to "
-            "disk); ratio = Flower round seconds / ours (>= 1: ours no slower); medians, first round "
-            "dropped; "
+            "package of the size (new bytes each round) + Connection.download_fm of a blob of the same "
+            "size (sha256-verified, to disk; removed between rounds, untimed); ratio = Flower round "
+            "seconds / ours (>= 1: ours no slower); medians, first round dropped; "
             "rounds × 16 MB / size of them below 16 MB, so a round of milliseconds is timed often enough"
         ),
         "flower_python": python,

@@ -132,11 +132,12 @@ class StatsBank:
         dim = int(t.means.shape[1]) if t.means.ndim == 2 else 0
         k = int(t.bases.shape[1]) if t.bases.ndim == 3 else 0
         bank = cls(dim=dim, rank=k)
-        for i, label in enumerate(t.labels):
-            basis = t.bases[i].clone().float() if k else None
-            bank.stats[label] = LabelStats(
-                int(t.counts[i].item()), t.means[i].clone(), t.stds[i].clone(), basis
-            )
+        # one copy per field, then a row view per label: per-label copies cost more than the data here
+        counts = [int(c) for c in t.counts.tolist()]
+        means, stds = t.means.clone().unbind(0), t.stds.clone().unbind(0)
+        bases = t.bases.float().clone().unbind(0) if k else [None] * len(t.labels)
+        for label, count, mean, std, basis in zip(t.labels, counts, means, stds, bases, strict=True):
+            bank.stats[label] = LabelStats(count, mean, std, basis)
         return bank
 
     def noised(self, sigma: float, generator: torch.Generator | None = None) -> StatsBank:
