@@ -21,8 +21,8 @@ from fcl_server.app import RunningServer
 from fcl_server.blobs import BlobStore
 from fcl_server.errors import Aborted
 from fcl_server.partials import PartialMeta, PartialUploads, PartialWriter
-from fcl_server.servicer import FclServicer
 from fcl_server.service import FclService
+from fcl_server.servicer import FclServicer
 from tests.servers import inprocess_server, package_bytes
 
 CHUNK = 64 * 1024
