@@ -300,7 +300,10 @@ def _unavailable() -> grpc.RpcError:
 
 
 def test_an_upload_is_fsynced_while_validated_and_stored_only_once_both_are_done(
-    server: RunningServer, stub: fcl_pb2_grpc.FclServiceStub, fm: FoundationModel, data: bytes,
+    server: RunningServer,
+    stub: fcl_pb2_grpc.FclServiceStub,
+    fm: FoundationModel,
+    data: bytes,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     events: list[tuple[str, int]] = []
