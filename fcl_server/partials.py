@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 SWEEP_EVERY_S = 60.0
 HASH_BLOCK = 1 << 20
 STRIPES = 64
+PARTIAL_SUFFIXES = (".part", ".json", ".tmp")  # .tmp: a meta file being replaced by an older version
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,9 @@ class PartialUploads:
             part, meta_path = self._paths(client, upload_id)
             if offset == 0:
                 part.parent.mkdir(parents=True, exist_ok=True)
-                _write_atomic(meta_path, json.dumps(asdict(meta)))
+                # written in place, not via a temp file: a torn one (a crash mid-write) fails to parse,
+                # which reads as no bytes held, so the client starts over
+                meta_path.write_text(json.dumps(asdict(meta)))
                 fh: BinaryIO = part.open("wb", buffering=0)
                 self._evict_over_cap(client, keep=upload_id)
             else:
@@ -174,6 +177,10 @@ class PartialUploads:
 
     def _evict_over_cap(self, client: str, keep: str) -> None:
         """A client holds at most `max_per_client` unfinished uploads: the least recently written go."""
+        with os.scandir(self.root / client) as entries:  # names only: no stat while under the cap
+            held = {Path(e.name).stem for e in entries if Path(e.name).suffix in PARTIAL_SUFFIXES}
+        if len(held | {keep}) <= self.max_per_client:
+            return
         others = self._uploads(self.root / client)
         for upload_id in [keep] + [u for u in others if (client, u) in self._owner]:
             others.pop(upload_id, None)  # never one being written right now
@@ -188,7 +195,7 @@ class PartialUploads:
         """upload id → last write time, of every partial in a client's directory."""
         found: dict[str, float] = {}
         for path in client_dir.glob("*") if client_dir.is_dir() else []:
-            if path.suffix in (".part", ".json", ".tmp"):
+            if path.suffix in PARTIAL_SUFFIXES:
                 found[path.stem] = max(found.get(path.stem, 0.0), path.stat().st_mtime)
         return found
 
@@ -261,9 +268,3 @@ class PartialWriter:
                 self.meta.size,
                 self.committed - self.offset,
             )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -175,3 +175,25 @@ def test_concurrency_reports_the_median_burst_and_every_error(monkeypatch: pytes
 
 def test_small_flower_payloads_get_more_rounds() -> None:
     assert [flower.rounds_for(mb, 3) for mb in (1, 16, 256)] == [48, 3, 3]
+
+
+def test_flower_and_ours_take_turns_and_their_rounds_are_pooled(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert flower.blocks_of(48) == [12, 12, 12, 12] and flower.blocks_of(3) == [3]
+    assert sum(flower.blocks_of(50)) == 50 and len(flower.blocks_of(50)) == 4
+    calls: list[tuple[str, int]] = []
+
+    def fake_flower(python: str, size: int, rounds: int) -> dict[str, Any]:
+        calls.append(("flower", rounds))
+        return {"round_s": [0.010] * rounds, "flwr": "1.42.0"}
+
+    def fake_ours(size: int, rounds: int, threads: int) -> dict[str, Any]:
+        calls.append(("ours", rounds))
+        return {"round_s": [0.008 if len(calls) == 2 else 0.020] * rounds}
+
+    monkeypatch.setattr(flower, "find_flower_python", lambda given: ("python", ""))
+    monkeypatch.setattr(flower, "flower_rounds", fake_flower)
+    monkeypatch.setattr(flower, "our_rounds", fake_ours)
+    (size,) = flower.run([1], rounds=3, threads=1, flower_python=None)["sizes"]
+    assert calls == [("flower", 12), ("ours", 12)] * 4
+    assert len(size["ours_runs_s"]) == len(size["flower_runs_s"]) == 48
+    assert size["ours_round_s"] == 0.020 and size["ratio"] == pytest.approx(0.5)  # pooled, not the first turn

@@ -119,15 +119,16 @@ def our_rounds(size_bytes: int, rounds: int, threads: int) -> dict[str, Any]:
             info = server.info
             dest = root / "download.tar"
             times = []
+            # made before the first round: torch's threads, busy making one, would slow the round after it
+            packages = [package_of_size(info["fm_digest"], size_bytes, seed=seed) for seed in range(rounds + 1)]
             with Connection(f"127.0.0.1:{info['port']}", info["tokens"][0], timeout=600) as conn:
                 conn.register("client-0", info["fm_digest"])
-                for seed in range(rounds + 1):
-                    data = package_of_size(info["fm_digest"], size_bytes, seed=seed)
+                for data in packages:
                     dest.unlink(missing_ok=True)
                     times.append(timed(functools.partial(one_round, conn, data, info["fm_digest"], dest))[0])
         finally:
             server.close()
-    return {"round_s": times[1:], "bytes_up": len(data)}
+    return {"round_s": times[1:], "bytes_up": len(packages[0])}
 
 
 def one_round(conn: Connection, data: bytes, fm_digest: str, dest: Path) -> None:
@@ -140,6 +141,12 @@ def rounds_for(size_mb: int, rounds: int) -> int:
     return max(rounds, rounds * 16 // max(1, size_mb))
 
 
+def blocks_of(rounds: int, block: int = 12) -> list[int]:
+    """Rounds split into turns of about `block` (one turn when there are few)."""
+    turns = max(1, rounds // block)
+    return [rounds // turns + (1 if i < rounds % turns else 0) for i in range(turns)]
+
+
 def run(sizes_mb: list[int], rounds: int, threads: int, flower_python: str | None) -> dict[str, Any]:
     python, why = find_flower_python(flower_python)
     result: dict[str, Any] = {
@@ -149,8 +156,9 @@ def run(sizes_mb: list[int], rounds: int, threads: int, flower_python: str | Non
             "arrays of the size, the client's fit() returns them; ours: Connection.upload of a valid "
             "package of the size (new bytes each round) + Connection.download_fm of a blob of the same "
             "size (sha256-verified, to disk; removed between rounds, untimed); ratio = Flower round "
-            "seconds / ours (>= 1: ours no slower); medians, first round dropped; "
-            "rounds × 16 MB / size of them below 16 MB, so a round of milliseconds is timed often enough"
+            "seconds / ours (>= 1: ours no slower); medians, first round of each turn dropped; "
+            "rounds × 16 MB / size of them below 16 MB, so a round of milliseconds is timed often enough, "
+            "in turns of about 12 rounds, Flower's and ours alternating"
         ),
         "flower_python": python,
         "sizes": [],
@@ -162,22 +170,25 @@ def run(sizes_mb: list[int], rounds: int, threads: int, flower_python: str | Non
     for size_mb in sizes_mb:
         size = size_mb * MB
         n = rounds_for(size_mb, rounds)
+        flower_s: list[float] = []
+        ours_s: list[float] = []
         try:
-            flower = flower_rounds(python, size, n)
+            for block in blocks_of(n):  # Flower and ours take turns, so a slow spell hits both
+                flower = flower_rounds(python, size, block)
+                flower_s += flower["round_s"]
+                ours_s += our_rounds(size, block, threads)["round_s"]
         except (RuntimeError, subprocess.TimeoutExpired) as exc:  # say so, measure the other sizes
             result["sizes"].append({"size_bytes": size, "error": f"Flower: {exc}"[:300]})
             continue
-        ours = our_rounds(size, n, threads)
-        flower_s, ours_s = median(flower["round_s"]), median(ours["round_s"])
         result["flwr_version"] = flower.get("flwr")
         result["sizes"].append(
             {
                 "size_bytes": size,
-                "flower_round_s": flower_s,
-                "ours_round_s": ours_s,
-                "ratio": flower_s / ours_s,
-                "flower_runs_s": flower["round_s"],
-                "ours_runs_s": ours["round_s"],
+                "flower_round_s": median(flower_s),
+                "ours_round_s": median(ours_s),
+                "ratio": median(flower_s) / median(ours_s),
+                "flower_runs_s": flower_s,
+                "ours_runs_s": ours_s,
             }
         )
     ratios = [s["ratio"] for s in result["sizes"] if "ratio" in s]
