@@ -120,7 +120,8 @@ def our_rounds(size_bytes: int, rounds: int, threads: int) -> dict[str, Any]:
             dest = root / "download.tar"
             times = []
             # made before the first round: torch's threads, busy making one, would slow the round after it
-            packages = [package_of_size(info["fm_digest"], size_bytes, seed=seed) for seed in range(rounds + 1)]
+            digest = info["fm_digest"]
+            packages = [package_of_size(digest, size_bytes, seed=seed) for seed in range(rounds + 1)]
             with Connection(f"127.0.0.1:{info['port']}", info["tokens"][0], timeout=600) as conn:
                 conn.register("client-0", info["fm_digest"])
                 for data in packages:
