@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 SWEEP_EVERY_S = 60.0
 HASH_BLOCK = 1 << 20
 STRIPES = 64
-PARTIAL_SUFFIXES = (".part", ".json", ".tmp")  # .tmp: a meta file being replaced by an older version
+PARTIAL_SUFFIXES = (".part", ".json", ".tmp")  # .tmp: left by older servers, which wrote meta via a temp file
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 SERVER_VERSION = __version__
-HELPER_THREADS = 4  # the GIL runs one at a time; more only queue
+HELPER_THREADS = 4  # uploads validated at once off their handler threads (one holds the GIL at a time)
 
 
 @dataclass(frozen=True)
