@@ -104,7 +104,7 @@ def run(counts: list[int], settle_s: float, repeat: int = 1, max_workers: int = 
         )
     return {
         "what": (
-            "a server process (upload rate and byte limits off, distillation worker on, "
+            "a server process (upload rate and byte limits off, distillation worker on, logs at INFO, "
             f"{max_workers} gRPC worker threads) and N client threads in the benchmark process, each "
             "with its own token and channel: Register, then all upload a distinct valid 1 MB package at "
             "once (Connection.upload of a new upload id: UploadKnowledge, no retries); latency per "

@@ -152,7 +152,8 @@ def run(sizes_mb: list[int], rounds: int, threads: int, flower_python: str | Non
     python, why = find_flower_python(flower_python)
     result: dict[str, Any] = {
         "what": (
-            "separate server and client processes on loopback, both sides; Flower: legacy gRPC transport "
+            "separate server and client processes on loopback, both sides (our server logs at INFO, as "
+            "fcl-server does by default); Flower: legacy gRPC transport "
             "(flwr.server.start_server / flwr.client.start_client), one round = server sends float32 "
             "arrays of the size, the client's fit() returns them; ours: Connection.upload of a valid "
             "package of the size (new bytes each round) + Connection.download_fm of a blob of the same "

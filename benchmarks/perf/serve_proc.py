@@ -25,10 +25,14 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=1, help="client tokens to enroll")
     parser.add_argument("--worker", action="store_true", help="keep the distillation worker running")
     parser.add_argument("--max-workers", type=int, default=32, help="gRPC worker threads")
+    parser.add_argument("--log-level", default="INFO", help="as fcl-server's (its default: a line per RPC)")
     args = parser.parse_args()
 
     from benchmarks.perf.harness import enroll, serve_synthetic_archive, start_server
     from common.fm import FoundationModel
+    from common.logs import setup_logging
+
+    setup_logging(args.log_level)  # to stderr, which the benchmark discards; formatting them is the cost
 
     if args.threads:
         import torch
