@@ -163,7 +163,7 @@ class PartialUploads:
         with self._lock:
             self._last_sweep = now
             for client_dir in [p for p in self.root.iterdir() if p.is_dir()]:
-                for upload_id, mtime in self._uploads(client_dir).items():
+                for upload_id, mtime in _last_writes(_partial_files(client_dir)).items():
                     if now - mtime > self.ttl_s and (client_dir.name, upload_id) not in self._owner:
                         self._discard(client_dir.name, upload_id)
                         dropped += 1
@@ -177,11 +177,10 @@ class PartialUploads:
 
     def _evict_over_cap(self, client: str, keep: str) -> None:
         """A client holds at most `max_per_client` unfinished uploads: the least recently written go."""
-        with os.scandir(self.root / client) as entries:  # names only: no stat while under the cap
-            held = {Path(e.name).stem for e in entries if Path(e.name).suffix in PARTIAL_SUFFIXES}
-        if len(held | {keep}) <= self.max_per_client:
-            return
-        others = self._uploads(self.root / client)
+        files = _partial_files(self.root / client)
+        if len({_upload_id(f) for f in files} | {keep}) <= self.max_per_client:
+            return  # under the cap, decided from the names alone: no file is stat'ed
+        others = _last_writes(files)
         for upload_id in [keep] + [u for u in others if (client, u) in self._owner]:
             others.pop(upload_id, None)  # never one being written right now
         keep_n = self.max_per_client
@@ -189,15 +188,6 @@ class PartialUploads:
         for upload_id in sorted(others, key=others.__getitem__)[:excess]:
             log.info("client %s: dropping unfinished upload %s (%d kept at most)", client, upload_id, keep_n)
             self._discard(client, upload_id)
-
-    @staticmethod
-    def _uploads(client_dir: Path) -> dict[str, float]:
-        """upload id → last write time, of every partial in a client's directory."""
-        found: dict[str, float] = {}
-        for path in client_dir.glob("*") if client_dir.is_dir() else []:
-            if path.suffix in PARTIAL_SUFFIXES:
-                found[path.stem] = max(found.get(path.stem, 0.0), path.stat().st_mtime)
-        return found
 
     def _paths(self, client: str, upload_id: str) -> tuple[Path, Path]:
         # client and upload ids are validated (ID_RE: no '/', no leading '.') before they get here
@@ -268,3 +258,25 @@ class PartialWriter:
                 self.meta.size,
                 self.committed - self.offset,
             )
+
+
+def _partial_files(client_dir: Path) -> list[os.DirEntry[str]]:
+    """The files of unfinished uploads in a client's directory (none when it does not exist)."""
+    try:
+        with os.scandir(client_dir) as entries:
+            return [e for e in entries if os.path.splitext(e.name)[1] in PARTIAL_SUFFIXES]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _upload_id(entry: os.DirEntry[str]) -> str:
+    return os.path.splitext(entry.name)[0]
+
+
+def _last_writes(files: list[os.DirEntry[str]]) -> dict[str, float]:
+    """upload id → last write time, over the given partial files."""
+    found: dict[str, float] = {}
+    for entry in files:
+        upload_id = _upload_id(entry)
+        found[upload_id] = max(found.get(upload_id, 0.0), entry.stat().st_mtime)
+    return found

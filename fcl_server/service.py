@@ -291,7 +291,7 @@ class FclService:
         tmp: Path,
         size: int,
         sha256: str,
-        sync: Callable[[], None] = lambda: None,
+        sync: Callable[[], None],
     ) -> Receipt:
         """Validate a fully received package, make it durable (`sync`) and queue its distillation job.
 

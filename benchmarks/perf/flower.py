@@ -117,16 +117,14 @@ def our_rounds(size_bytes: int, rounds: int, threads: int) -> dict[str, Any]:
         )
         try:
             info = server.info
-            dest = root / "download.tar"
-            times = []
+            digest, dest, times = info["fm_digest"], root / "download.tar", []
             # made before the first round: torch's threads, busy making one, would slow the round after it
-            digest = info["fm_digest"]
             packages = [package_of_size(digest, size_bytes, seed=seed) for seed in range(rounds + 1)]
             with Connection(f"127.0.0.1:{info['port']}", info["tokens"][0], timeout=600) as conn:
-                conn.register("client-0", info["fm_digest"])
+                conn.register("client-0", digest)
                 for data in packages:
                     dest.unlink(missing_ok=True)
-                    times.append(timed(functools.partial(one_round, conn, data, info["fm_digest"], dest))[0])
+                    times.append(timed(functools.partial(one_round, conn, data, digest, dest))[0])
         finally:
             server.close()
     return {"round_s": times[1:], "bytes_up": len(packages[0])}

@@ -135,7 +135,7 @@ class StatsBank:
         # one copy per field, then a row view per label: per-label copies cost more than the data here
         counts = [int(c) for c in t.counts.tolist()]
         means, stds = t.means.clone().unbind(0), t.stds.clone().unbind(0)
-        bases = t.bases.float().clone().unbind(0) if k else [None] * len(t.labels)
+        bases = t.bases.to(torch.float32, copy=True).unbind(0) if k else [None] * len(t.labels)
         for label, count, mean, std, basis in zip(t.labels, counts, means, stds, bases, strict=True):
             bank.stats[label] = LabelStats(count, mean, std, basis)
         return bank
