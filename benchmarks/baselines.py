@@ -23,11 +23,13 @@ from benchmarks.ours import (
     client_rounds,
     job_seed,
     make_learners,
+    run_ours,
     task_data,
 )
 from benchmarks.scenario import Scenario
+from common.algorithms.closed_form import lda_head
 from common.algorithms.losses import column_index, kd_loss
-from common.algorithms.obod import Head, Teacher
+from common.algorithms.obod import Head, JobOutcome, Teacher, merged_bank
 from common.algorithms.smcf import TaskData, snapshot, train_task
 from common.algorithms.stats import StatsBank
 from common.config import OBODConfig, SMCFConfig
@@ -268,7 +270,7 @@ def run_feddf(sc: Scenario, seed: int, rec: Recorder, smcf: SMCFConfig, obod: OB
             learner.train(data.features, data.labels, cfg, seed=s)
             wire = encode_package(learner.package(cfg, seed=s))  # exactly what would be uploaded
             pkg = decode_package(wire)
-            latest[client] = Teacher(pkg.build(), pkg.labels)
+            latest[client] = Teacher.from_package(pkg)
             traffic.up += len(wire)
             uploads += 1
         if uploads:
@@ -287,6 +289,34 @@ def run_feddf(sc: Scenario, seed: int, rec: Recorder, smcf: SMCFConfig, obod: OB
     return traffic
 
 
+# -- stats-closed-form: LDA from the pooled statistics, no training on the server -------------------
+
+# shrinkage of the pooled covariance towards a scaled identity, chosen on the CLINC150 val split (README)
+CLOSED_FORM_SHRINKAGE = 0.1
+
+
+def closed_form_job(
+    global_head: Head | None,
+    bank: StatsBank,
+    teacher: Teacher,
+    teacher_stats: StatsBank | None,
+    public: torch.Tensor,
+    cfg: OBODConfig,
+    seed: int = 0,
+) -> JobOutcome:
+    """The server's part of `stats-closed-form`: merge the upload's statistics, G = P_c = LDA of the bank."""
+    merged = merged_bank(bank, teacher_stats)
+    head = lda_head(merged, CLOSED_FORM_SHRINKAGE)
+    return JobOutcome(head, head.copy(), merged)
+
+
+def run_stats_closed_form(
+    sc: Scenario, seed: int, rec: Recorder, smcf: SMCFConfig, obod: OBODConfig
+) -> Traffic:
+    """Clients exactly as in `ours` (SMCF, statistics shared, P_c assisting); the server computes LDA."""
+    return run_ours(sc, seed, rec, smcf, obod, HETERO_SPECS, job=closed_form_job)
+
+
 METHODS: dict[str, Method] = {
     "joint": run_joint,
     "zeroshot": run_zeroshot,
@@ -295,4 +325,5 @@ METHODS: dict[str, Method] = {
     "fedlwf": _fedavg("lwf"),
     "fedavg-smcf": _fedavg("smcf"),
     "feddf": run_feddf,
+    "stats-closed-form": run_stats_closed_form,
 }

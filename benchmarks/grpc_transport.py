@@ -17,7 +17,10 @@ def split_for(scenario: str, data: Path, seed: int, out: Path) -> Path:
     """The scenario as an `fcl-data` split directory (what real clients read)."""
     if scenario == "custom":
         return data
-    tasks, clients = SCENARIOS[scenario]
+    spec = SCENARIOS[scenario]
+    if spec.alpha != 0.5 or spec.variant:
+        raise SystemExit(f"--transport grpc runs the plain clinc150 scenarios, not {scenario!r}")
+    tasks, clients = spec.tasks, spec.clients
     cmd = [
         sys.executable,
         "-m",

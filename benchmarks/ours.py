@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from benchmarks.evaluate import Recorder, predictor
 from benchmarks.scenario import Scenario
-from common.algorithms.obod import Head, Teacher, run_job
+from common.algorithms.obod import Head, JobOutcome, Teacher, run_job
 from common.algorithms.smcf import TaskData
 from common.algorithms.stats import StatsBank
 from common.config import OBODConfig, SMCFConfig
@@ -37,7 +37,9 @@ def task_data(sc: Scenario, client: str, task: str) -> TaskData | None:
 
 def client_rounds(sc: Scenario, seed: int, t: int) -> Iterator[tuple[str, TaskData, int]]:
     """The clients with data in task t, in arrival (client) order, with their job seed (torch seeded)."""
-    for i, client in enumerate(sc.clients):
+    index = {c: i for i, c in enumerate(sc.clients)}  # seeds follow the client, not its arrival slot
+    for client in sc.arrival_order(sc.tasks[t]):
+        i = index[client]
         data = task_data(sc, client, sc.tasks[t])
         if data is None:
             continue
@@ -61,10 +63,20 @@ class Traffic:
     rounds: int = 0
 
 
+ServerJob = Callable[..., JobOutcome]
+
+
 def run_ours(
-    sc: Scenario, seed: int, rec: Recorder, smcf: SMCFConfig, obod: OBODConfig, specs: list[str]
+    sc: Scenario,
+    seed: int,
+    rec: Recorder,
+    smcf: SMCFConfig,
+    obod: OBODConfig,
+    specs: list[str],
+    job: ServerJob = run_job,
 ) -> Traffic:
-    """Every task: each client (in client order) trains with SMCF, uploads; OBOD runs on each upload."""
+    """Every task: each client (in client order) trains with SMCF, uploads; the server `job` (OBOD unless
+    a rival replaces it) runs on each upload, in arrival order."""
     learners = make_learners(sc, specs)
     global_head: Head | None = None
     bank = StatsBank(sc.feature_dim)
@@ -75,9 +87,7 @@ def run_ours(
             learner.train(data.features, data.labels, smcf, seed=s)
             wire = encode_package(learner.package(smcf, seed=s))  # exactly what would be uploaded
             pkg = decode_package(wire)
-            out = run_job(
-                global_head, bank, Teacher(pkg.build(), pkg.labels), pkg.stats, sc.public, obod, seed=s
-            )
+            out = job(global_head, bank, Teacher.from_package(pkg), pkg.stats, sc.public, obod, seed=s)
             global_head, bank = out.global_head, out.bank
             learner.absorb_personal(out.personal_head, t + 1, smcf, seed=s)
             head_wire = encode_package(
@@ -98,17 +108,33 @@ def run_ours(
     return traffic
 
 
-def ours_variant(name: str, smcf: SMCFConfig) -> tuple[SMCFConfig, list[str]]:
-    """The SMCF config and specs of `ours` or one of its ablations."""
+def ours_variant(name: str, smcf: SMCFConfig, obod: OBODConfig) -> tuple[SMCFConfig, OBODConfig, list[str]]:
+    """The SMCF and OBOD configs and the specs of `ours`, one of its ablations, or `stats-only`."""
     specs = HETERO_SPECS
-    if name == "ours-noproto":
+    if name in ("ours-noproto", "ours-noproto-noinv"):
         smcf = smcf.model_copy(update={"share_stats": False})
-    elif name == "ours-noassist":
+    if name in ("ours-noinv", "ours-noproto-noinv"):
+        obod = obod.model_copy(update={"synth_per_label": 0})
+    if name == "ours-noassist":
         smcf = smcf.model_copy(update={"lambda_fm": 0.0, "consolidate_steps": 0})
     elif name == "ours-nosmcf":
         smcf = smcf.model_copy(update={"replay": False, "lambda_old": 0.0, "consolidate_steps": 0})
     elif name == "ours-homo":
         specs = HOMO_SPECS
-    elif name != "ours":
+    elif name == "stats-only":
+        # FedPFT-style: G and P_c learn from the pooled statistics alone; the uploaded teachers are ignored
+        obod = obod.model_copy(update={"lambda_kd": 0.0, "synth_per_label": 0})
+    elif name not in OURS:
         raise ValueError(f"unknown variant {name}")
-    return smcf, specs
+    return smcf, obod, specs
+
+
+OURS = [
+    "ours",
+    "ours-noinv",
+    "ours-noproto",
+    "ours-noproto-noinv",
+    "ours-noassist",
+    "ours-nosmcf",
+    "ours-homo",
+]

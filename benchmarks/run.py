@@ -13,19 +13,18 @@ from pathlib import Path
 import torch
 
 from benchmarks.evaluate import Recorder
-from benchmarks.ours import Traffic, ours_variant, run_ours
+from benchmarks.ours import OURS, Traffic, ours_variant, run_ours
 from benchmarks.scenario import SCENARIOS, Featurizer, Scenario, clinc150, custom
 from common.config import OBODConfig, SMCFConfig
 from common.fm import DEFAULT_FM, FoundationModel
 
 MethodFn = Callable[[Scenario, int, Recorder, SMCFConfig, OBODConfig], Traffic]
-OURS = ["ours", "ours-noproto", "ours-noassist", "ours-nosmcf", "ours-homo"]
 
 
 def _ours(name: str) -> MethodFn:
     def run(sc: Scenario, seed: int, rec: Recorder, smcf: SMCFConfig, obod: OBODConfig) -> Traffic:
-        cfg, specs = ours_variant(name, smcf)
-        return run_ours(sc, seed, rec, cfg, obod, specs)
+        client_cfg, server_cfg, specs = ours_variant(name, smcf, obod)
+        return run_ours(sc, seed, rec, client_cfg, server_cfg, specs)
 
     return run
 
@@ -34,7 +33,7 @@ def registry() -> dict[str, MethodFn]:
     from benchmarks import baselines
 
     methods: dict[str, MethodFn] = dict(baselines.METHODS)
-    methods.update({name: _ours(name) for name in OURS})
+    methods.update({name: _ours(name) for name in [*OURS, "stats-only"]})
     return methods
 
 

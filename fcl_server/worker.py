@@ -170,7 +170,7 @@ class DistillationWorker:
         self.yielded_s = 0.0
         self._checkpoint()
         pkg = decode_package(self.blobs.read(job.blob))
-        teacher = Teacher(pkg.build().to(self.device), pkg.labels)
+        teacher = Teacher.from_package(pkg, self.device)
         current = self._global_head()
         public = self.fm_host.public_features()
         out = run_job(

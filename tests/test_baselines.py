@@ -20,7 +20,7 @@ from common.zoo import SmallModel, parse_spec
 DIM, TASKS, LABELS_PER_TASK = 16, 2, 4
 SMCF = SMCFConfig(epochs=5)
 OBOD = OBODConfig(epochs=2, min_steps=30)
-FEDERATED = ("fedavg-ft", "fedlwf", "fedavg-smcf", "feddf")
+FEDERATED = ("fedavg-ft", "fedlwf", "fedavg-smcf", "feddf", "stats-closed-form")
 
 
 def _scenario(skip_first: bool = False) -> Scenario:
@@ -77,7 +77,16 @@ def results(scenario: Scenario) -> dict[str, dict[str, Any]]:
 
 
 def test_registry_keys() -> None:
-    assert set(METHODS) == {"joint", "zeroshot", "local", "fedavg-ft", "fedlwf", "fedavg-smcf", "feddf"}
+    assert set(METHODS) == {
+        "joint",
+        "zeroshot",
+        "local",
+        "fedavg-ft",
+        "fedlwf",
+        "fedavg-smcf",
+        "feddf",
+        "stats-closed-form",
+    }
 
 
 def _parts(name: str) -> set[str]:
@@ -85,6 +94,8 @@ def _parts(name: str) -> set[str]:
         return {"fm_global"}
     if name == "local":
         return {"small"}
+    if name == "stats-closed-form":
+        return {"fm_global", "fm_personal", "small"}
     return {"fm_global", "small"}
 
 

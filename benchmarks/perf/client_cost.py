@@ -52,9 +52,7 @@ def measure(data: Path, scenario: str, seed: int, cache: Path, max_tasks: int) -
                 wire = encode_package(learner.package(smcf, seed=s))
                 package_s = time.perf_counter() - started - train_s
             pkg = decode_package(wire)
-            out = run_job(
-                global_head, bank, Teacher(pkg.build(), pkg.labels), pkg.stats, sc.public, obod, seed=s
-            )
+            out = run_job(global_head, bank, Teacher.from_package(pkg), pkg.stats, sc.public, obod, seed=s)
             global_head, bank = out.global_head, out.bank
             consolidate_s = time.perf_counter()
             learner.absorb_personal(out.personal_head, t + 1, smcf, seed=s)

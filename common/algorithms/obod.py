@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from common.algorithms.losses import column_index, kd_loss
 from common.algorithms.stats import StatsBank
+from common.algorithms.transfer import Synthesised, invert_teacher, synthetic_stats
 from common.config import OBODConfig
+from common.package import KnowledgePackage
 from common.zoo import SmallModel, parse_spec
 
 
@@ -28,10 +30,15 @@ class Head:
 
 @dataclass
 class Teacher:
-    """An uploaded small model with its label names (its output columns)."""
+    """An uploaded small model with its label names (its output columns) and per-label training counts."""
 
     model: SmallModel
     labels: list[str]
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_package(cls, pkg: KnowledgePackage, device: str | torch.device = "cpu") -> Teacher:
+        return cls(pkg.build().to(device), list(pkg.labels), dict(zip(pkg.labels, pkg.counts, strict=False)))
 
 
 class Cancelled(Exception):
@@ -59,13 +66,54 @@ def run_job(
 
     Inputs are not modified; the server persists the outcome atomically, the benchmark keeps it in memory.
     """
+    merged = merged_bank(bank, teacher_stats)
+    synth = synthesise(teacher, undescribed_labels(teacher, teacher_stats), public, cfg, seed)
+    if cfg.synth_stats:
+        merged.merge_bank(synthetic_stats(synth, teacher.counts, set(synth.labels), cfg.synth_rank))
+    new_global = distill_global(global_head, teacher, public, merged, cfg, seed, cancel, synth)
+    personal = personalise(new_global, teacher, public, merged, cfg, seed, cancel, synth)
+    return JobOutcome(new_global, personal, merged)
+
+
+def merged_bank(bank: StatsBank, upload: StatsBank | None) -> StatsBank:
+    """A new bank: the server's, with the upload's statistics merged in by count."""
     merged = StatsBank(bank.dim)
     merged.merge_bank(bank)
-    if teacher_stats is not None:
-        merged.merge_bank(teacher_stats)
-    new_global = distill_global(global_head, teacher, public, merged, cfg, seed=seed, cancel=cancel)
-    personal = personalise(new_global, teacher, public, merged, cfg, seed=seed, cancel=cancel)
-    return JobOutcome(new_global, personal, merged)
+    if upload is not None:
+        merged.merge_bank(upload)
+    return merged
+
+
+def undescribed_labels(teacher: Teacher, upload_stats: StatsBank | None) -> list[str]:
+    """The teacher's labels that this upload brings examples of but no statistics for.
+
+    Only these get inverted features. Where the upload's statistics describe a label they label its
+    pseudo-features exactly, and a teacher's soft labels there only add noise (CLINC150 val: KD on bank
+    pseudo-features cost 1.3 points, KD on inverted features 0.6). Labels without a count in this upload
+    were learnt in earlier tasks and reached the server then; inverting only the new evidence keeps a
+    job's cost proportional to its task, not to everything the client has learnt.
+    """
+    described = set(upload_stats.labels()) if upload_stats is not None else set()
+    evidenced = [y for y in teacher.labels if not teacher.counts or teacher.counts.get(y, 0) > 0]
+    return [y for y in evidenced if y not in described]
+
+
+def synthesise(
+    teacher: Teacher, labels: list[str], public: torch.Tensor, cfg: OBODConfig, seed: int
+) -> Synthesised:
+    """The teacher's inverted features for `labels` (none when cfg.synth_per_label is 0)."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    return invert_teacher(
+        teacher.model,
+        teacher.labels,
+        labels,
+        public,
+        cfg.synth_per_label,
+        cfg.synth_steps,
+        cfg.synth_lr,
+        gen,
+        cfg.synth_confidence,
+    )
 
 
 def distill_global(
@@ -76,8 +124,9 @@ def distill_global(
     cfg: OBODConfig,
     seed: int = 0,
     cancel: Callable[[], bool] | None = None,
+    synth: Synthesised | None = None,
 ) -> Head:
-    """G ← one OBOD step with `teacher`: KD on the public features, anchor on other labels, bank CE."""
+    """G ← one OBOD step with `teacher`: KD on the transfer inputs, anchor on other labels, bank CE."""
     if head is None:
         model = SmallModel(parse_spec(cfg.head_spec), public.shape[1], len(teacher.labels))
         head = Head(model, [])
@@ -85,7 +134,7 @@ def distill_global(
     known = set(head.labels)
     new.labels += [y for y in teacher.labels if y not in known]
     new.model.grow(len(new.labels))
-    _fit(new, head, teacher, public, bank, bank.labels(), cfg, cfg.epochs, seed, cancel)
+    _fit(new, head, teacher, public, bank, bank.labels(), cfg, cfg.epochs, seed, cancel, synth)
     return new
 
 
@@ -97,6 +146,7 @@ def personalise(
     cfg: OBODConfig,
     seed: int = 0,
     cancel: Callable[[], bool] | None = None,
+    synth: Synthesised | None = None,
 ) -> Head:
     """P_c ← the new G, fitted further to client c's teacher (anchored to G on the other labels)."""
     personal = global_head.copy()
@@ -112,6 +162,7 @@ def personalise(
             cfg.personal_epochs,
             seed + 1,
             cancel,
+            synth,
         )
     return personal
 
@@ -127,6 +178,7 @@ def _fit(
     epochs: int,
     seed: int,
     cancel: Callable[[], bool] | None = None,
+    synth: Synthesised | None = None,
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     device = next(student.model.parameters()).device
@@ -141,11 +193,22 @@ def _fit(
     proto_labels = [y for y in proto_labels if y in student_labels]
     sampler = bank.sampler(proto_labels) if proto_labels else None
     proto_cols = column_index(student.labels, proto_labels)
+    # the teacher's labels the bank describes: their pseudo-features are in-domain inputs it can label
+    bank_taught = [y for y in teacher.labels if y in bank] if cfg.kd_bank > 0 else []
+    taught_sampler = bank.sampler(bank_taught) if bank_taught else None
 
     with torch.no_grad():
         u = public.to(device)
         teacher_logits = _batched(teacher.model.eval(), u)
         anchor_logits = _batched(anchor.model.eval(), u)[:, kept_anchor.to(device)] if kept else None
+        s_x = synth.features.to(device) if synth is not None and cfg.kd_synth > 0 else u[:0]
+        s_logits = _batched(teacher.model, s_x) if len(s_x) else teacher_logits[:0]
+
+    def kd(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        student_taught = student.model(x)[:, teacher_cols]
+        if cfg.kd_standardize:
+            target, student_taught = _zscore(target), _zscore(student_taught)
+        return kd_loss(target, student_taught, cfg.temperature)
 
     opt = torch.optim.Adam(student.model.parameters(), lr=cfg.lr)
     student.model.train()
@@ -158,14 +221,20 @@ def _fit(
         if len(order) < cfg.batch_size:
             order = torch.cat([order, torch.randperm(len(u), generator=gen)])
         idx, order = order[: cfg.batch_size].to(device), order[cfg.batch_size :]
-        logits = student.model(u[idx])
-        student_taught = logits[:, teacher_cols]
-        target = teacher_logits[idx]
-        if cfg.kd_standardize:
-            target, student_taught = _zscore(target), _zscore(student_taught)
-        loss = cfg.lambda_kd * kd_loss(target, student_taught, cfg.temperature)
+        loss = cfg.lambda_kd * cfg.kd_public * kd(u[idx], teacher_logits[idx])
         if anchor_logits is not None and cfg.lambda_anchor > 0:
-            loss = loss + cfg.lambda_anchor * F.mse_loss(logits[:, kept_student], anchor_logits[idx])
+            loss = loss + cfg.lambda_anchor * F.mse_loss(
+                student.model(u[idx])[:, kept_student], anchor_logits[idx]
+            )
+        if len(s_x):
+            pick = torch.randint(len(s_x), (cfg.batch_size,), generator=gen).to(device)
+            loss = loss + cfg.lambda_kd * cfg.kd_synth * kd(s_x[pick], s_logits[pick])
+        if taught_sampler is not None:
+            which = torch.randint(len(bank_taught), (cfg.batch_size,), generator=gen)
+            feats = taught_sampler.draw(which, gen).to(device)
+            with torch.no_grad():
+                target = teacher.model(feats)
+            loss = loss + cfg.lambda_kd * cfg.kd_bank * kd(feats, target)
         if sampler is not None and cfg.lambda_proto > 0:
             which = torch.randint(len(proto_labels), (cfg.proto_batch,), generator=gen)
             feats = sampler.draw(which, gen).to(device)

@@ -62,14 +62,21 @@ class StatsBank:
     def __contains__(self, label: str) -> bool:
         return label in self.stats
 
-    def add_features(self, features: torch.Tensor, labels: list[str]) -> None:
-        """Compute per-label stats of the given features and merge them in."""
+    def add_features(
+        self, features: torch.Tensor, labels: list[str], counts: dict[str, int] | None = None
+    ) -> None:
+        """Compute per-label stats of the given features and merge them in.
+
+        `counts` overrides the weight a label merges with (default: its number of rows), e.g. for
+        synthesised rows that stand for a teacher's real examples.
+        """
         for label in sorted(set(labels)):
             rows = features[[i for i, y in enumerate(labels) if y == label]].float()
             mean = rows.mean(dim=0)
             std = rows.std(dim=0, unbiased=False) if len(rows) > 1 else torch.zeros(self.dim)
             basis = principal_basis(rows - mean, self.rank) if self.rank else None
-            self.merge(label, LabelStats(len(rows), mean, std, basis))
+            weight = len(rows) if counts is None else max(1, counts.get(label, 1))
+            self.merge(label, LabelStats(weight, mean, std, basis))
 
     def merge(self, label: str, new: LabelStats) -> None:
         """Merge by count: means and variances pooled exactly, bases re-fitted to the larger rank."""
