@@ -291,8 +291,10 @@ def run_feddf(sc: Scenario, seed: int, rec: Recorder, smcf: SMCFConfig, obod: OB
 
 # -- stats-closed-form: LDA from the pooled statistics, no training on the server -------------------
 
-# shrinkage of the pooled covariance towards a scaled identity, chosen on the CLINC150 val split (README)
-CLOSED_FORM_SHRINKAGE = 0.1
+# shrinkage of the pooled covariance towards a scaled identity. On CLINC150 val (clinc150-5x5, seed 0)
+# accuracy is flat below 0.05 (0.933 at 0 and 0.02, 0.932 at 0.1, 0.928 at 0.5): a little shrinkage
+# keeps Σ invertible while only a few labels are known, and costs nothing measurable.
+CLOSED_FORM_SHRINKAGE = 0.02
 
 
 def closed_form_job(

@@ -113,7 +113,7 @@ def ours_variant(name: str, smcf: SMCFConfig, obod: OBODConfig) -> tuple[SMCFCon
     specs = HETERO_SPECS
     if name in ("ours-noproto", "ours-noproto-noinv"):
         smcf = smcf.model_copy(update={"share_stats": False})
-    if name in ("ours-noinv", "ours-noproto-noinv"):
+    if name == "ours-noproto-noinv":
         obod = obod.model_copy(update={"synth_per_label": 0})
     if name == "ours-noassist":
         smcf = smcf.model_copy(update={"lambda_fm": 0.0, "consolidate_steps": 0})
@@ -129,12 +129,4 @@ def ours_variant(name: str, smcf: SMCFConfig, obod: OBODConfig) -> tuple[SMCFCon
     return smcf, obod, specs
 
 
-OURS = [
-    "ours",
-    "ours-noinv",
-    "ours-noproto",
-    "ours-noproto-noinv",
-    "ours-noassist",
-    "ours-nosmcf",
-    "ours-homo",
-]
+OURS = ["ours", "ours-noproto", "ours-noproto-noinv", "ours-noassist", "ours-nosmcf", "ours-homo"]

@@ -33,7 +33,7 @@ def registry() -> dict[str, MethodFn]:
     from benchmarks import baselines
 
     methods: dict[str, MethodFn] = dict(baselines.METHODS)
-    methods.update({name: _ours(name) for name in [*OURS, "stats-only"]})
+    methods.update({name: _ours(name) for name in ["stats-only", *OURS]})
     return methods
 
 

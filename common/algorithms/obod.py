@@ -193,16 +193,14 @@ def _fit(
     proto_labels = [y for y in proto_labels if y in student_labels]
     sampler = bank.sampler(proto_labels) if proto_labels else None
     proto_cols = column_index(student.labels, proto_labels)
-    # the teacher's labels the bank describes: their pseudo-features are in-domain inputs it can label
-    bank_taught = [y for y in teacher.labels if y in bank] if cfg.kd_bank > 0 else []
-    taught_sampler = bank.sampler(bank_taught) if bank_taught else None
 
     with torch.no_grad():
         u = public.to(device)
-        teacher_logits = _batched(teacher.model.eval(), u)
+        # the teacher's logits on the public corpus are only needed for KD there
+        teacher_logits = _batched(teacher.model.eval(), u) if cfg.kd_public > 0 else u[:, :0]
         anchor_logits = _batched(anchor.model.eval(), u)[:, kept_anchor.to(device)] if kept else None
         s_x = synth.features.to(device) if synth is not None and cfg.kd_synth > 0 else u[:0]
-        s_logits = _batched(teacher.model, s_x) if len(s_x) else teacher_logits[:0]
+        s_logits = _batched(teacher.model.eval(), s_x) if len(s_x) else s_x[:, :0]
 
     def kd(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         student_taught = student.model(x)[:, teacher_cols]
@@ -221,7 +219,9 @@ def _fit(
         if len(order) < cfg.batch_size:
             order = torch.cat([order, torch.randperm(len(u), generator=gen)])
         idx, order = order[: cfg.batch_size].to(device), order[cfg.batch_size :]
-        loss = cfg.lambda_kd * cfg.kd_public * kd(u[idx], teacher_logits[idx])
+        loss = torch.zeros((), device=device)
+        if cfg.kd_public > 0:
+            loss = loss + cfg.lambda_kd * cfg.kd_public * kd(u[idx], teacher_logits[idx])
         if anchor_logits is not None and cfg.lambda_anchor > 0:
             loss = loss + cfg.lambda_anchor * F.mse_loss(
                 student.model(u[idx])[:, kept_student], anchor_logits[idx]
@@ -229,12 +229,6 @@ def _fit(
         if len(s_x):
             pick = torch.randint(len(s_x), (cfg.batch_size,), generator=gen).to(device)
             loss = loss + cfg.lambda_kd * cfg.kd_synth * kd(s_x[pick], s_logits[pick])
-        if taught_sampler is not None:
-            which = torch.randint(len(bank_taught), (cfg.batch_size,), generator=gen)
-            feats = taught_sampler.draw(which, gen).to(device)
-            with torch.no_grad():
-                target = teacher.model(feats)
-            loss = loss + cfg.lambda_kd * cfg.kd_bank * kd(feats, target)
         if sampler is not None and cfg.lambda_proto > 0:
             which = torch.randint(len(proto_labels), (cfg.proto_batch,), generator=gen)
             feats = sampler.draw(which, gen).to(device)

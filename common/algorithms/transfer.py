@@ -48,9 +48,9 @@ def invert_teacher(
         return Synthesised(torch.empty(0, public.shape[1]), [])
     device = public.device
     n = per_label * len(labels)
-    start = torch.randint(len(public), (n,), generator=generator)
     position = {y: i for i, y in enumerate(columns)}
     target = torch.tensor([position[y] for y in labels]).repeat_interleave(per_label).to(device)
+    start = torch.randint(len(public), (n,), generator=generator).to(device)
     x = F.normalize(public[start.to(device)].float(), dim=1).clone().requires_grad_(True)
     was_training = model.training
     model.eval()
