@@ -114,7 +114,8 @@ def ours_variant(name: str, smcf: SMCFConfig, obod: OBODConfig) -> tuple[SMCFCon
     if name in ("ours-noproto", "ours-noproto-noinv"):
         smcf = smcf.model_copy(update={"share_stats": False})
     if name == "ours-noproto-noinv":
-        obod = obod.model_copy(update={"synth_per_label": 0})
+        # OBOD before teacher inversion: the teachers reach G only through KD on the public corpus
+        obod = obod.model_copy(update={"synth_per_label": 0, "kd_public": 1.0})
     if name == "ours-noassist":
         smcf = smcf.model_copy(update={"lambda_fm": 0.0, "consolidate_steps": 0})
     elif name == "ours-nosmcf":

@@ -229,7 +229,8 @@ def test_consolidate_pulls_a_weak_small_model_up_to_the_received_head() -> None:
 
 
 # -- OBOD -----------------------------------------------------------------------------------------
-OBOD_CFG = OBODConfig(head_spec="mlp:32:gelu", epochs=20, batch_size=128, personal_epochs=4)
+# these tests distil through the public features: KD there is what they check (off by default)
+OBOD_CFG = OBODConfig(head_spec="mlp:32:gelu", epochs=20, batch_size=128, personal_epochs=4, kd_public=1.0)
 NO_ANCHOR_CFG = OBOD_CFG.model_copy(update={"lambda_anchor": 0.0, "lambda_proto": 0.0})
 
 

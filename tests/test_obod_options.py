@@ -35,7 +35,7 @@ def _distil(teacher: torch.nn.Module, public: torch.Tensor, bank: StatsBank, **c
         Teacher(teacher, ["a", "b", "c", "d"]),
         public,
         bank,
-        OBODConfig(min_steps=30, epochs=1, **cfg),
+        OBODConfig(min_steps=30, epochs=1, kd_public=1.0, **cfg),
         seed=3,
     )  # type: ignore[arg-type]
     with torch.no_grad():

@@ -66,7 +66,7 @@ def test_headline_numbers_and_goal_verdicts() -> None:
         "transfer": {"ratio_min": 0.95},
         "flower": {"ratio_min": 0.8},
         "fe": {"ratio_min_batch_ge_64": 0.6},
-        "jobs": {"job_s_15k_150": 6.0},
+        "jobs": {"job_s_15k_150": 6.0, "job_s_15k_150_no_stats": 4.0},
         "concurrency": {
             "bursts": [
                 {"clients": 10, "p99_s": 0.1, "errors": 0},
@@ -83,6 +83,7 @@ def test_headline_numbers_and_goal_verdicts() -> None:
         "transfer_ratio_vs_flower": False,
         "fe_ratio_vs_limit": True,
         "obod_job_s_15k_150": False,
+        "obod_job_s_15k_150_no_stats": True,
         "concurrency_200_p99_s": True,
         "concurrency_200_errors": False,
     }

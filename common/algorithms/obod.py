@@ -234,6 +234,8 @@ def _fit(
             feats = sampler.draw(which, gen).to(device)
             target = proto_cols[which].to(device)
             loss = loss + cfg.lambda_proto * F.cross_entropy(student.model(feats), target)
+        if not loss.requires_grad:
+            break  # no term applies to this job (e.g. nothing to distil and no statistics): G stays as is
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
