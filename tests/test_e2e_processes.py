@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
+
+import torch
 
 from benchmarks.cluster import enroll, start_client, start_server
 from common.datasets.streams import load_task_stream
@@ -15,28 +19,32 @@ from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.zeroshot import zeroshot_accuracy
 from fcl_client.checkpoint import CheckpointStore
 from fcl_client.connection import Connection
+from fcl_server.blobs import BlobStore
+
+CLIENTS = {"client-0": "mlp:128", "client-1": "linear"}
 
 
-def test_two_clients_learn_through_the_server(tmp_path: Path, small_split: Path, fm: FoundationModel) -> None:
+def _federate(tmp_path: Path, split: Path, *client_args: str) -> tuple[Path, pb.ServerStatus, bytes]:
+    """A server and the two CLIENTS run to the end; returns the state dir, the admin status and G."""
     state = tmp_path / "server"
-    clients = {"client-0": "mlp:128", "client-1": "linear"}
-    tokens = {c: enroll(state, c) for c in clients}
+    tokens = {c: enroll(state, c) for c in CLIENTS}
     admin = enroll(state, "ops", admin=True)
-    server = start_server(state, tmp_path / "server.log", "--public-corpus", str(small_split / "public.txt"))
+    server = start_server(state, tmp_path / "server.log", "--public-corpus", str(split / "public.txt"))
     try:
         procs = {
             c: start_client(
                 server.target,
                 c,
                 tokens[c],
-                small_split / "clients" / c,
+                split / "clients" / c,
                 spec,
                 tmp_path / c,
                 tmp_path / f"{c}.log",
                 "--epochs",
                 "10",
+                *client_args,
             )
-            for c, spec in clients.items()
+            for c, spec in CLIENTS.items()
         }
         for c, proc in procs.items():
             assert proc.wait(timeout=600) == 0, (tmp_path / f"{c}.log").read_text()
@@ -45,6 +53,12 @@ def test_two_clients_learn_through_the_server(tmp_path: Path, small_split: Path,
             _, global_blob = conn.get_knowledge(pb.HEAD_SCOPE_GLOBAL)
     finally:
         assert server.stop() == 0, server.log_tail()
+    return state, status, global_blob
+
+
+def test_two_clients_learn_through_the_server(tmp_path: Path, small_split: Path, fm: FoundationModel) -> None:
+    clients = CLIENTS
+    _, status, global_blob = _federate(tmp_path, small_split)
 
     done = [j for j in status.jobs if j.state == pb.JOB_STATE_DONE]
     assert len(done) == 4 and status.global_version == 4, status
@@ -110,3 +124,30 @@ def test_client_resumes_after_restart_without_repeating_tasks(tmp_path: Path, sm
     assert len(jobs) == 2, [(j.job_id, j.task_key) for j in jobs]
     second_run = (tmp_path / "b.log").read_text()
     assert "trained" not in second_run and "uploaded" not in second_run, second_run
+
+
+def test_privacy_mode_teaches_the_global_head_from_small_models_alone(
+    tmp_path: Path, small_split: Path, fm: FoundationModel
+) -> None:
+    """`--no-share-stats`: no statistics reach the server, yet G learns every client's labels."""
+    state, status, global_blob = _federate(tmp_path, small_split, "--no-share-stats")
+    assert len([j for j in status.jobs if j.state == pb.JOB_STATE_DONE]) == 4, status
+    with closing(sqlite3.connect(state / "state.sqlite3")) as db:
+        uploaded = [row[0] for row in db.execute("SELECT blob FROM jobs")]
+    assert len(uploaded) == 4
+    for blob in uploaded:  # what each client uploaded: a small model and nothing else
+        pkg = decode_package(BlobStore(state / "blobs").read(blob))
+        assert pkg.kind == "small" and pkg.stats is None
+    head = decode_package(global_blob)
+    tests = [
+        ex for c in CLIENTS for task in load_task_stream(small_split / "clients" / c) for ex in task.test
+    ]
+    feats = cached_features(fm, [ex.text for ex in tests], tmp_path / "cache")
+    labels = [ex.label for ex in tests]
+    model = head.build()
+    pos = {y: i for i, y in enumerate(head.labels)}
+    with torch.no_grad():
+        pred = model(feats).argmax(dim=1)
+    accuracy = float((pred == torch.tensor([pos[y] for y in labels])).float().mean())
+    zeroshot = zeroshot_accuracy(fm, feats, labels, head.labels)
+    assert accuracy > zeroshot + 0.1 and accuracy > 0.7, (accuracy, zeroshot)
