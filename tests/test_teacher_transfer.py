@@ -7,7 +7,6 @@ G must still learn client 2's labels from its teacher: through the teacher's inv
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -28,12 +27,7 @@ SECRET = ["c0", "c1", "c2"]  # client 2: teacher only
 CFG = OBODConfig(epochs=2, min_steps=150, synth_per_label=32, synth_steps=60, synth_lr=0.05)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass
