@@ -302,11 +302,12 @@ def closed_form_job(
     bank: StatsBank,
     teacher: Teacher,
     teacher_stats: StatsBank | None,
-    public: torch.Tensor,
-    cfg: OBODConfig,
-    seed: int = 0,
+    *_: object,
+    **__: object,
 ) -> JobOutcome:
-    """The server's part of `stats-closed-form`: merge the upload's statistics, G = P_c = LDA of the bank."""
+    """The server's part of `stats-closed-form`: merge the upload's statistics, G = P_c = LDA of the bank.
+
+    It takes run_job's arguments and ignores the rest (public corpus, config, seed): nothing is trained."""
     merged = merged_bank(bank, teacher_stats)
     head = lda_head(merged, CLOSED_FORM_SHRINKAGE)
     return JobOutcome(head, head.copy(), merged)

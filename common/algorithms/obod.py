@@ -202,8 +202,8 @@ def _fit(
         s_x = synth.features.to(device) if synth is not None and cfg.kd_synth > 0 else u[:0]
         s_logits = _batched(teacher.model.eval(), s_x) if len(s_x) else s_x[:, :0]
 
-    def kd(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        student_taught = student.model(x)[:, teacher_cols]
+    def kd(student_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        student_taught = student_logits[:, teacher_cols]
         if cfg.kd_standardize:
             target, student_taught = _zscore(target), _zscore(student_taught)
         return kd_loss(target, student_taught, cfg.temperature)
@@ -220,15 +220,16 @@ def _fit(
             order = torch.cat([order, torch.randperm(len(u), generator=gen)])
         idx, order = order[: cfg.batch_size].to(device), order[cfg.batch_size :]
         loss = torch.zeros((), device=device)
-        if cfg.kd_public > 0:
-            loss = loss + cfg.lambda_kd * cfg.kd_public * kd(u[idx], teacher_logits[idx])
-        if anchor_logits is not None and cfg.lambda_anchor > 0:
-            loss = loss + cfg.lambda_anchor * F.mse_loss(
-                student.model(u[idx])[:, kept_student], anchor_logits[idx]
-            )
+        use_anchor = anchor_logits is not None and cfg.lambda_anchor > 0
+        # one forward of the public batch serves both terms that read it
+        public_logits = student.model(u[idx]) if cfg.kd_public > 0 or use_anchor else None
+        if public_logits is not None and cfg.kd_public > 0:
+            loss = loss + cfg.lambda_kd * cfg.kd_public * kd(public_logits, teacher_logits[idx])
+        if public_logits is not None and anchor_logits is not None and use_anchor:
+            loss = loss + cfg.lambda_anchor * F.mse_loss(public_logits[:, kept_student], anchor_logits[idx])
         if len(s_x):
             pick = torch.randint(len(s_x), (cfg.batch_size,), generator=gen).to(device)
-            loss = loss + cfg.lambda_kd * cfg.kd_synth * kd(s_x[pick], s_logits[pick])
+            loss = loss + cfg.lambda_kd * cfg.kd_synth * kd(student.model(s_x[pick]), s_logits[pick])
         if sampler is not None and cfg.lambda_proto > 0:
             which = torch.randint(len(proto_labels), (cfg.proto_batch,), generator=gen)
             feats = sampler.draw(which, gen).to(device)
