@@ -57,9 +57,7 @@ def steps_of(public_n: int, cfg: OBODConfig) -> int:
     return max(cfg.min_steps, cfg.epochs * per_epoch) + personal
 
 
-def time_job(
-    public_n: int, num_labels: int, cfg: OBODConfig, repeat: int, with_stats: bool = True
-) -> float:
+def time_job(public_n: int, num_labels: int, cfg: OBODConfig, repeat: int, with_stats: bool = True) -> float:
     """Best-of-`repeat` seconds of one job; `with_stats=False`: the upload has no statistics (the
     `--no-share-stats` mode), so the job also inverts the teacher for every label it teaches."""
     s = setup(public_n, num_labels)
