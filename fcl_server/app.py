@@ -1,16 +1,25 @@
-"""Assemble the server: state, blobs, FM host, domain service, worker, gRPC (with health and reflection)."""
+"""Assemble the server: state, blobs, FM host, domain service, worker, gRPC (with health and reflection).
+
+gRPC is served by grpc.aio on an event loop in its own thread: an open stream holds no thread, so
+idle or slow callers cannot take the server from others; blocking domain work runs on a thread pool
+of `max_workers`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+from collections.abc import Coroutine
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.config import OBODConfig
 from common.fm import DEFAULT_FM, FoundationModel, default_device
@@ -20,11 +29,12 @@ from common.tls import TLSConfigError, TLSFiles, is_loopback
 from fcl_server.blobs import BlobStore
 from fcl_server.dashboard import DashboardServer, start_dashboard
 from fcl_server.fm_host import FMHost, read_public_corpus
-from fcl_server.interceptor import ObservingInterceptor
+from fcl_server.interceptor import AdmissionInterceptor, ObservingInterceptor
 from fcl_server.metrics import ServerMetrics
 from fcl_server.service import FclService, ServerLimits
 from fcl_server.servicer import FclServicer
 from fcl_server.state import State
+from fcl_server.streams import StreamLimits
 from fcl_server.worker import DistillationWorker
 
 log = logging.getLogger(__name__)
@@ -39,9 +49,20 @@ class ServerConfig(BaseModel):
     fm: str = DEFAULT_FM
     public_corpus: Path | None = Field(None, description="unlabeled text, one sentence per line")
     device: str = Field(default_factory=default_device)
-    max_workers: int = Field(32, ge=2, description="gRPC worker threads: calls served at once")
+    max_workers: int = Field(32, ge=2, description="threads doing the calls' work (database, files) at once")
     max_watchers: int | None = Field(
         None, ge=1, description="open WatchJob streams at most (default: half of max_workers)"
+    )
+    stream_idle_s: float = Field(
+        60.0,
+        gt=0,
+        description="a stream on which no message moves for this long is ended (DEADLINE_EXCEEDED)",
+    )
+    max_streams_per_client: int = Field(
+        8, ge=1, description="streams one authenticated client may hold at once"
+    )
+    max_anonymous_streams: int = Field(
+        64, ge=1, description="health Watch and reflection streams (no token needed) open at once, in total"
     )
     worker_nice: int = Field(10, ge=0, le=19, description="niceness added to the distillation worker")
     worker_yield_s: float = Field(5.0, ge=0, description="most a job pauses for in-flight uploads")
@@ -61,17 +82,11 @@ class ServerConfig(BaseModel):
     def _metrics_address(cls, value: str | None) -> str | None:
         return None if value is None else host_port(value)
 
-    @model_validator(mode="after")
-    def _watchers_leave_threads(self) -> ServerConfig:
-        if self.max_watchers is not None and self.max_watchers >= self.max_workers:
-            raise ValueError(
-                f"max_watchers ({self.max_watchers}) must be below max_workers ({self.max_workers}): "
-                "waiting WatchJob streams would otherwise hold every thread and stall all other calls"
-            )
-        return self
-
     def watchers(self) -> int:
         return self.max_watchers or max(1, self.max_workers // 2)
+
+    def streams(self) -> StreamLimits:
+        return StreamLimits(self.stream_idle_s, self.max_streams_per_client, self.max_anonymous_streams)
 
     def tls(self) -> TLSFiles:
         return TLSFiles(self.tls_cert, self.tls_key, self.tls_client_ca)
@@ -85,23 +100,59 @@ class ServerConfig(BaseModel):
             )
 
 
+T = TypeVar("T")
+
+# HTTP/2 and keepalive settings, chosen rather than inherited (docs/operations.md, "Serving model")
+CONNECTION_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_concurrent_streams", 128),  # per connection; the stream caps per caller are lower
+    ("grpc.max_connection_idle_ms", 5 * 60_000),  # a connection with no call for 5 min is closed
+    ("grpc.max_connection_age_ms", 60 * 60_000),  # each connection is renewed hourly ...
+    ("grpc.max_connection_age_grace_ms", 10 * 60_000),  # ... letting its calls (a 64 MB upload) finish
+    ("grpc.keepalive_time_ms", 60_000),  # ping an idle connection each minute: dead peers are dropped
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),  # clients ping at most this often
+    ("grpc.http2.max_ping_strikes", 2),  # then GOAWAY
+]
+
+
+class EventLoopThread:
+    """An asyncio event loop running in a daemon thread; sync code submits coroutines to it."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
 @dataclass
 class RunningServer:
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
     service: FclService
     worker: DistillationWorker
-    health: health.HealthServicer
+    health: health.aio.HealthServicer
     state: State
     state_dir: Path
     metrics: ServerMetrics
+    loop: EventLoopThread
+    executor: futures.ThreadPoolExecutor
     metrics_port: int | None = None  # bound port of /metrics; None when it is not served
     dashboard: DashboardServer | None = None  # its .port is the bound port; None when it is not served
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting calls, let in-flight ones finish, finish the running job, close the database."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        self.loop.run(self._stop_grpc(grace))
+        self.loop.close()
+        self.executor.shutdown(wait=True)
         self.service.close()
         if not self.worker.stop(timeout=120):
             log.warning("distillation worker did not stop in time; its job is re-queued at the next start")
@@ -109,6 +160,54 @@ class RunningServer:
             self.dashboard.stop()
         self.metrics.stop_http()
         self.state.close()
+
+    async def _stop_grpc(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+@dataclass
+class _Grpc:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+
+
+async def _start_grpc(
+    config: ServerConfig,
+    service: FclService,
+    metrics: ServerMetrics,
+    executor: futures.Executor,
+    credentials: grpc.ServerCredentials | None,
+) -> _Grpc:
+    """Build, bind and start the aio server on the running loop (its servicers bind to that loop)."""
+    streams = config.streams()
+    server = grpc.aio.server(
+        interceptors=[ObservingInterceptor(metrics), AdmissionInterceptor(streams)],
+        # gRPC's default 4 MiB receive cap counts protobuf framing, so it refused a chunk of exactly
+        # max_chunk_bytes and pre-empted the servicer's own, clearer "chunk over N bytes" error
+        options=[
+            ("grpc.max_receive_message_length", service.limits.max_chunk_bytes + 64 * 1024),
+            *CONNECTION_OPTIONS,
+        ],
+    )
+    fcl_pb2_grpc.add_FclServiceServicer_to_server(FclServicer(service, executor, streams), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    try:
+        if credentials is not None:
+            port = server.add_secure_port(config.listen, credentials)
+        else:
+            port = server.add_insecure_port(config.listen)
+    except RuntimeError:  # grpc.aio raises where the sync server returned 0
+        port = 0
+    if port == 0:
+        raise OSError(f"could not bind {config.listen}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return _Grpc(server, port, health_servicer)
 
 
 def default_public_corpus() -> Path:
@@ -157,24 +256,6 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
     )
     metrics.watch_state(state, lambda: worker.busy)
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers),
-        interceptors=[ObservingInterceptor(metrics)],
-        # gRPC's default 4 MiB receive cap counts protobuf framing, so it refused a chunk of exactly
-        # max_chunk_bytes and pre-empted the servicer's own, clearer "chunk over N bytes" error
-        options=[("grpc.max_receive_message_length", limits.max_chunk_bytes + 64 * 1024)],
-    )
-    fcl_pb2_grpc.add_FclServiceServicer_to_server(FclServicer(service), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if credentials is not None:
-        port = server.add_secure_port(config.listen, credentials)
-    else:
-        port = server.add_insecure_port(config.listen)
-    if port == 0:
-        state.close()
-        raise OSError(f"could not bind {config.listen}")
     try:
         metrics_port = metrics.serve_http(config.metrics_listen) if config.metrics_listen else None
     except OSError as exc:
@@ -187,11 +268,32 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
         metrics.stop_http()
         state.close()
         raise
-    server.start()
+    loop = EventLoopThread("fcl-grpc")
+    executor = futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="fcl-rpc")
+    try:
+        grpc_server = loop.run(_start_grpc(config, service, metrics, executor, credentials))
+    except BaseException:
+        loop.close()
+        executor.shutdown()
+        if dashboard is not None:
+            dashboard.stop()
+        metrics.stop_http()
+        state.close()
+        raise
     worker.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    port = grpc_server.port
     log.info("fcl-server listening on %s (port %d), FM %s %s", config.listen, port, fm.name, fm.digest[:12])
     return RunningServer(
-        server, port, service, worker, health_servicer, state, state_dir, metrics, metrics_port, dashboard
+        grpc_server.server,
+        port,
+        service,
+        worker,
+        grpc_server.health,
+        state,
+        state_dir,
+        metrics,
+        loop,
+        executor,
+        metrics_port,
+        dashboard,
     )

@@ -117,11 +117,18 @@ class JobNotifier:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._tick = 0
+        self._subscribers: list[Callable[[], None]] = []
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Also call `callback` (from the notifying thread) at every change: the event loop's bridge."""
+        self._subscribers.append(callback)
 
     def notify(self) -> None:
         with self._cond:
             self._tick += 1
             self._cond.notify_all()
+        for callback in self._subscribers:
+            callback()
 
     def wait(self, last_tick: int, timeout: float) -> int:
         with self._cond:

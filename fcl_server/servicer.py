@@ -1,13 +1,21 @@
-"""Thin gRPC transport: each RPC authenticates, converts (convert.py), calls the domain, maps errors."""
+"""Thin asyncio gRPC transport: each RPC authenticates, converts (convert.py), calls the domain, maps errors.
+
+The domain (FclService: SQLite, files, hashing) is blocking code; it runs on a thread pool, so a call
+holds a thread only while it works, never while it waits for its client.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import inspect
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
+from concurrent import futures
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -27,8 +35,9 @@ from fcl_server.errors import (
 )
 from fcl_server.interceptor import note_bytes, note_client
 from fcl_server.partials import PartialWriter
-from fcl_server.service import FclService
+from fcl_server.service import FclService, JobNotifier
 from fcl_server.state import Principal
+from fcl_server.streams import StreamLimits, StreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,7 @@ _STATUS = {
 }
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 
 def _status_for(exc: DomainError) -> grpc.StatusCode:
@@ -54,19 +64,27 @@ def _status_for(exc: DomainError) -> grpc.StatusCode:
 
 
 def maps_domain_errors(method: F) -> F:
-    """Turn a DomainError raised by the domain into the matching gRPC status, for unary and streams."""
+    """Turn a DomainError raised by the domain into the matching gRPC status (coroutines and streams)."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: FclServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for message in method(self, request, context):
+                    yield message
+            except DomainError as exc:
+                await context.abort(_status_for(exc), str(exc))
+
+        return stream  # type: ignore[return-value]
 
     @functools.wraps(method)
-    def wrapper(self: FclServicer, request: Any, context: grpc.ServicerContext) -> Any:
+    async def unary(self: FclServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            result = method(self, request, context)
-            if hasattr(result, "__next__"):
-                return _guard_stream(result, context)
-            return result
+            return await method(self, request, context)
         except DomainError as exc:
-            context.abort(_status_for(exc), str(exc))
+            await context.abort(_status_for(exc), str(exc))
 
-    return wrapper  # type: ignore[return-value]
+    return unary  # type: ignore[return-value]
 
 
 def _noted(message: M) -> M:
@@ -75,79 +93,124 @@ def _noted(message: M) -> M:
     return message
 
 
-def _guard_stream(stream: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-    try:
-        yield from stream
-    except DomainError as exc:
-        context.abort(_status_for(exc), str(exc))
-
-
-def bearer_token(context: grpc.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata():
+def bearer_token(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
         if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
             return value[len("Bearer ") :].strip()
     return None
 
 
-def stream_file(path: Path, offset: int, chunk_size: int = CHUNK_SIZE) -> Iterator[tuple[int, bytes]]:
-    with path.open("rb") as fh:
-        fh.seek(offset)
-        while block := fh.read(chunk_size):
-            yield offset, block
-            offset += len(block)
+class JobTicks:
+    """JobNotifier's ticks for coroutines: a watcher awaits the next job change without a thread."""
+
+    def __init__(self, notifier: JobNotifier) -> None:
+        self.tick = 0
+        self._changed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        notifier.subscribe(self._from_any_thread)
+
+    def _from_any_thread(self) -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: the server stopped, nobody watches
+            self._loop.call_soon_threadsafe(self._bump)
+
+    def _bump(self) -> None:
+        self.tick += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait(self, last_tick: int, timeout: float) -> int:
+        if self.tick == last_tick:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+        return self.tick
 
 
 class FclServicer(fcl_pb2_grpc.FclServiceServicer):
-    def __init__(self, service: FclService, chunk_size: int = CHUNK_SIZE) -> None:
-        self.service = service
-        self.chunk_size = chunk_size
+    """Built on the server's event loop (JobTicks binds to it)."""
 
-    def _auth(self, context: grpc.ServicerContext) -> Principal:
-        principal = self.service.authenticate(bearer_token(context))
+    def __init__(
+        self,
+        service: FclService,
+        executor: futures.Executor,
+        streams: StreamLimits | None = None,
+        chunk_size: int = CHUNK_SIZE,
+    ) -> None:
+        self.service = service
+        self.executor = executor
+        self.chunk_size = chunk_size
+        limits = streams or StreamLimits()
+        self.client_streams = StreamSlots(limits.per_client, "client", "--max-streams-per-client")
+        self.ticks = JobTicks(service.notifier)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Blocking domain work, on the thread pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+
+    async def _auth(self, context: grpc.aio.ServicerContext) -> Principal:
+        principal = await self._run(self.service.authenticate, bearer_token(context))
         note_client(principal.name)  # the RPC's log line names its caller
         return principal
 
     @maps_domain_errors
-    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
-        principal = self._auth(context)
-        reg = self.service.register(principal, request.client_id, request.fm_digest, request.model_spec_json)
+    async def Register(
+        self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterResponse:
+        principal = await self._auth(context)
+        reg = await self._run(
+            self.service.register, principal, request.client_id, request.fm_digest, request.model_spec_json
+        )
         return convert.registration(reg)
 
     @maps_domain_errors
-    def GetFoundationModel(
-        self, request: pb.GetFoundationModelRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.FoundationModelChunk]:
-        self._auth(context)
-        info, path = self.service.fm_archive(request.offset, request.archive_sha256)
-        yield _noted(pb.FoundationModelChunk(info=convert.fm_info(info), offset=request.offset))
-        for offset, block in stream_file(path, request.offset, self.chunk_size):
-            note_bytes(sent=len(block))
-            yield pb.FoundationModelChunk(offset=offset, data=block)
+    async def GetFoundationModel(
+        self, request: pb.GetFoundationModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.FoundationModelChunk]:
+        principal = await self._auth(context)
+        with self.client_streams.hold(principal.name):
+            info, path = await self._run(self.service.fm_archive, request.offset, request.archive_sha256)
+            yield _noted(pb.FoundationModelChunk(info=convert.fm_info(info), offset=request.offset))
+            async for offset, block in self._file_blocks(path, request.offset):
+                note_bytes(sent=len(block))
+                yield pb.FoundationModelChunk(offset=offset, data=block)
+
+    async def _file_blocks(self, path: Path, offset: int) -> AsyncIterator[tuple[int, bytes]]:
+        fh: IO[bytes] = await self._run(path.open, "rb")
+        try:
+            await self._run(fh.seek, offset)
+            while block := await self._run(fh.read, self.chunk_size):
+                yield offset, block
+                offset += len(block)
+        finally:
+            fh.close()
 
     @maps_domain_errors
-    def UploadKnowledge(
-        self, request_iterator: Iterator[pb.UploadKnowledgeRequest], context: grpc.ServicerContext
+    async def UploadKnowledge(
+        self, request_iterator: AsyncIterator[pb.UploadKnowledgeRequest], context: grpc.aio.ServicerContext
     ) -> pb.UploadReceipt:
-        principal = self._auth(context)
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("payload") != "header":
-            raise InvalidArgument("the first UploadKnowledge message must be the header")
-        note_bytes(received=first.ByteSize())
-        header = convert.upload_header(first.header)
-        earlier = self.service.check_upload_header(principal, header)
-        if earlier is not None:
-            return convert.receipt(earlier)
-        # bytes go to a resumable partial: if this stream breaks, the next one sends only the rest
-        with self.service.uploads_in_flight.track():
-            writer = self.service.open_upload(principal, header)
-            try:
-                self._receive_chunks(request_iterator, writer)
-                return convert.receipt(self.service.finish_upload(principal, header, writer))
-            finally:
-                writer.close()
+        principal = await self._auth(context)  # before the stream may wait on anything
+        with self.client_streams.hold(principal.name):
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("payload") != "header":
+                raise InvalidArgument("the first UploadKnowledge message must be the header")
+            note_bytes(received=first.ByteSize())
+            header = convert.upload_header(first.header)
+            earlier = await self._run(self.service.check_upload_header, principal, header)
+            if earlier is not None:
+                return convert.receipt(earlier)
+            # bytes go to a resumable partial: if this stream breaks, the next one sends only the rest
+            with self.service.uploads_in_flight.track():
+                writer = await self._run(self.service.open_upload, principal, header)
+                try:
+                    await self._receive_chunks(request_iterator, writer)
+                    receipt = await self._run(self.service.finish_upload, principal, header, writer)
+                    return convert.receipt(receipt)
+                finally:
+                    await self._run(writer.close)
 
-    def _receive_chunks(self, requests: Iterator[pb.UploadKnowledgeRequest], writer: PartialWriter) -> None:
-        for msg in requests:
+    async def _receive_chunks(
+        self, requests: AsyncIterator[pb.UploadKnowledgeRequest], writer: PartialWriter
+    ) -> None:
+        async for msg in requests:
             if msg.WhichOneof("payload") != "chunk":
                 writer.abandon()
                 raise InvalidArgument("only chunks may follow the header")
@@ -156,56 +219,71 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
             if len(chunk) > self.service.limits.max_chunk_bytes:
                 writer.abandon()
                 raise ResourceExhausted(f"chunk over {self.service.limits.max_chunk_bytes} bytes")
-            writer.write(chunk)
+            await self._run(writer.write, chunk)
 
     @maps_domain_errors
-    def GetUploadStatus(
-        self, request: pb.GetUploadStatusRequest, context: grpc.ServicerContext
+    async def GetUploadStatus(
+        self, request: pb.GetUploadStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.UploadStatus:
-        principal = self._auth(context)
-        return convert.upload_status(self.service.upload_status(principal, request.upload_id))
+        principal = await self._auth(context)
+        progress = await self._run(self.service.upload_status, principal, request.upload_id)
+        return convert.upload_status(progress)
 
     @maps_domain_errors
-    def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.JobEvent]:
-        principal = self._auth(context)
-        tick, last = 0, None
-        with self.service.watch_slot() as open_for:
+    async def WatchJob(
+        self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.JobEvent]:
+        principal = await self._auth(context)
+        tick, last = self.ticks.tick, None
+        with self.client_streams.hold(principal.name), self.service.watch_slot() as open_for:
             ends = time.monotonic() + open_for
-            while context.is_active():
-                job = self.service.job(principal, request.job_id)
-                position = self.service.state.queue_position(job.job_id) if not job.state.final else 0
-                key = (job.state, position)
-                if key != last:
-                    last = key
+            while True:
+                job, position = await self._run(self._job_and_position, principal, request.job_id)
+                if (job.state, position) != last:
+                    last = (job.state, position)
                     yield _noted(convert.job_event(job, position))
                 left = ends - time.monotonic()
                 if job.state.final or left <= 0:
                     return  # not final: the client watches again (see ServerLimits.max_watchers)
-                tick = self.service.notifier.wait(tick, timeout=min(1.0, left))
+                tick = await self.ticks.wait(tick, timeout=min(1.0, left))
+
+    def _job_and_position(self, principal: Principal, job_id: int) -> tuple[Any, int]:
+        job = self.service.job(principal, job_id)
+        return job, (self.service.state.queue_position(job.job_id) if not job.state.final else 0)
 
     @maps_domain_errors
-    def GetKnowledge(
-        self, request: pb.GetKnowledgeRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.KnowledgeChunk]:
-        principal = self._auth(context)
-        scope = convert.head_scope(request.scope)
-        head, path = self.service.head(principal, scope, request.client_id, request.version)
-        yield _noted(pb.KnowledgeChunk(header=convert.knowledge_header(head, path.stat().st_size)))
-        for _, block in stream_file(path, 0, self.chunk_size):
-            note_bytes(sent=len(block))
-            yield pb.KnowledgeChunk(chunk=block)
+    async def GetKnowledge(
+        self, request: pb.GetKnowledgeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.KnowledgeChunk]:
+        principal = await self._auth(context)
+        with self.client_streams.hold(principal.name):
+            scope = convert.head_scope(request.scope)
+            head, path = await self._run(
+                self.service.head, principal, scope, request.client_id, request.version
+            )
+            size = await self._run(lambda: path.stat().st_size)
+            yield _noted(pb.KnowledgeChunk(header=convert.knowledge_header(head, size)))
+            async for _, block in self._file_blocks(path, 0):
+                note_bytes(sent=len(block))
+                yield pb.KnowledgeChunk(chunk=block)
 
     @maps_domain_errors
-    def ReportMetrics(
-        self, request: pb.ReportMetricsRequest, context: grpc.ServicerContext
+    async def ReportMetrics(
+        self, request: pb.ReportMetricsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportMetricsResponse:
-        principal = self._auth(context)
-        stored = self.service.report_metrics(
-            principal, request.task_key, request.task_index, dict(request.metrics)
+        principal = await self._auth(context)
+        stored = await self._run(
+            self.service.report_metrics,
+            principal,
+            request.task_key,
+            request.task_index,
+            dict(request.metrics),
         )
         return pb.ReportMetricsResponse(stored=stored)
 
     @maps_domain_errors
-    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.ServerStatus:
-        principal = self._auth(context)
-        return convert.server_status(self.service.status(principal, request.max_jobs))
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerStatus:
+        principal = await self._auth(context)
+        return convert.server_status(await self._run(self.service.status, principal, request.max_jobs))

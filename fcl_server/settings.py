@@ -68,9 +68,22 @@ class ServeSettings(LayeredSettings):
     max_watchers: int | None = Field(
         None,
         ge=1,
-        description="WatchJob streams open at once, below max_workers; past it a watch answers once and "
-        "the client polls (default: half of max_workers)",
+        description="WatchJob streams open at once; past it a watch answers once and the client polls "
+        "(default: half of max_workers)",
         examples=[16],
+    )
+    stream_idle_s: float = Field(
+        _SERVER["stream_idle_s"].default, gt=0, description=_SERVER["stream_idle_s"].description
+    )
+    max_streams_per_client: int = Field(
+        _SERVER["max_streams_per_client"].default,
+        ge=1,
+        description=f"{_SERVER['max_streams_per_client'].description}; more are refused (RESOURCE_EXHAUSTED)",
+    )
+    max_anonymous_streams: int = Field(
+        _SERVER["max_anonymous_streams"].default,
+        ge=1,
+        description=f"{_SERVER['max_anonymous_streams'].description}; more are refused (RESOURCE_EXHAUSTED)",
     )
     worker_nice: int = Field(
         _SERVER["worker_nice"].default,

@@ -148,14 +148,16 @@ def test_one_log_line_per_rpc_with_method_client_code_duration_and_bytes(session
 def test_rpc_lines_in_text_and_json(session: Session) -> None:
     record = next(r for r in session.events("rpc") if r.fields["method"] == "UploadKnowledge")  # type: ignore[attr-defined]
     text = formatter("text").format(record)
-    assert " INFO fcl_server.rpc: UploadKnowledge client=alice code=OK " in text and " ms in=" in text
+    assert " INFO fcl_server.rpc: UploadKnowledge client=alice peer=ipv4:127.0.0.1:" in text
+    assert " code=OK " in text and " ms in=" in text
     line = JsonFormatter().format(record)
     assert "\n" not in line
     parsed = json.loads(line)
     assert parsed["logger"] == "fcl_server.rpc" and parsed["level"] == "INFO"
     assert parsed["method"] == "UploadKnowledge" and parsed["client_id"] == "alice" and parsed["code"] == "OK"
     assert parsed["bytes_in"] >= session.upload_size and parsed["duration_ms"] > 0
-    assert parsed["msg"].startswith("UploadKnowledge client=alice code=OK") and parsed["ts"].endswith(
+    assert parsed["peer"].startswith("ipv4:127.0.0.1:")
+    assert parsed["msg"].startswith("UploadKnowledge client=alice peer=") and parsed["ts"].endswith(
         "+00:00"
     )
 

@@ -6,7 +6,6 @@ import hashlib
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -214,17 +213,22 @@ class _ServerWithoutResumption(FclServicer):
 def test_client_uploads_to_a_server_without_resumption(
     server: RunningServer, fm: FoundationModel, data: bytes
 ) -> None:
-    old = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    fcl_pb2_grpc.add_FclServiceServicer_to_server(_ServerWithoutResumption(server.service), old)
-    port = old.add_insecure_port("127.0.0.1:0")
-    old.start()
+    async def start_old() -> tuple[grpc.aio.Server, int]:  # on the server's loop, beside it
+        old = grpc.aio.server()
+        servicer = _ServerWithoutResumption(server.service, server.executor)
+        fcl_pb2_grpc.add_FclServiceServicer_to_server(servicer, old)
+        port = old.add_insecure_port("127.0.0.1:0")
+        await old.start()
+        return old, port
+
+    old, port = server.loop.run(start_old())
     try:
         with Connection(f"127.0.0.1:{port}", "tok-alice", retries=0) as conn:
             offsets = spy_offsets(conn)
             receipt = conn.upload(data, "old-1", "task-00", 0, fm.digest)
             again = conn.upload(data, "old-1", "task-00", 0, fm.digest)
     finally:
-        old.stop(0)
+        server.loop.run(old.stop(0))
     assert offsets == [0, 0] and not receipt.duplicate and again.duplicate
 
 
