@@ -20,6 +20,7 @@ from common.wire_limits import SHA_RE, quoted
 from fcl_server.blobs import BlobStore
 from fcl_server.errors import (
     Aborted,
+    DomainError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -292,16 +293,13 @@ class FclService:
         self._check_upload_quota(client, header)
         existing = self.state.find_upload(client, header.upload_id)
         if existing is None:
-            held = self.partials.held(client, header.upload_id)
-            same = held is not None and (held.meta.size, held.meta.sha256) == (header.size, header.sha256)
-            if header.offset > 0 and not same:  # refused before charging: the retry from 0 pays once
-                raise Aborted(
-                    f"the server holds no bytes of upload {header.upload_id!r} for this package; ask "
-                    "GetUploadStatus and resume from its committed_size (0: start over)"
-                )
-            if not same:
-                self._admit_upload(client, header.size)  # retries of an accepted upload are free
-            # else it continues an upload that was charged when its first stream began
+            made = self._reserve_upload_id(client, header)
+            try:
+                self._admit_new_bytes(client, header)
+            except DomainError:
+                if made:  # a refused header binds nothing
+                    self.state.release_upload_id(client, header.upload_id)
+                raise
             return None
         self.partials.discard(client, header.upload_id)  # leftovers of a stream cut after acceptance
         if existing["sha256"] != header.sha256:
@@ -309,6 +307,40 @@ class FclService:
         return Receipt(
             header.upload_id, int(existing["job_id"]), True, int(existing["size"]), existing["sha256"]
         )
+
+    def _admit_new_bytes(self, client: str, header: UploadHeader) -> None:
+        """A resume must continue the bytes held; a fresh start is charged to the client's limits."""
+        held = self.partials.held(client, header.upload_id)
+        same = held is not None and (held.meta.size, held.meta.sha256) == (header.size, header.sha256)
+        if header.offset > 0 and not same:  # refused before charging: the retry from 0 pays once
+            raise Aborted(
+                f"the server holds no bytes of upload {header.upload_id!r} for this package; ask "
+                "GetUploadStatus and resume from its committed_size (0: start over)"
+            )
+        if not same:
+            self._admit_upload(client, header.size)  # retries of an accepted upload are free
+        # else it continues an upload that was charged when its first stream began
+
+    def _reserve_upload_id(self, client: str, header: UploadHeader) -> bool:
+        """Bind the upload id to this header's bytes before any is received: a racing stream under the
+        same id with other bytes is refused, so every receipt names the bytes its job uses. True when
+        this header made the binding."""
+        stale_before = time.time() - self.limits.partial_upload_ttl_s
+        bound = self.state.reserve_upload(client, header.upload_id, header.size, header.sha256, stale_before)
+        if isinstance(bound, tuple):
+            size, sha256 = bound
+            raise FailedPrecondition(
+                f"upload id {quoted(header.upload_id)} is already being uploaded with other content "
+                f"({size} bytes, sha256 {sha256[:12]}...); a new package needs a new upload id"
+            )
+        return bound
+
+    def close_upload(self, principal: Principal, header: UploadHeader, writer: PartialWriter) -> None:
+        """The stream is over, accepted or not: an upload of which nothing is held is unbound again."""
+        writer.close()
+        client = self._client(principal)
+        if self.partials.held(client, header.upload_id) is None:
+            self.state.release_upload_id(client, header.upload_id)
 
     # -- per-client storage quota ----------------------------------------------------------------
     def storage_used(self, client: str, except_upload: str = "") -> tuple[int, int, int]:
@@ -404,6 +436,10 @@ class FclService:
             client, header.upload_id, header.task_key, header.task_index, size, sha256
         )
         self.notifier.notify()
+        if duplicate:  # a stream of the same bytes got there first: name what its job uses
+            kept = self.state.find_upload(client, header.upload_id)
+            if kept is not None:
+                size, sha256 = int(kept["size"]), str(kept["sha256"])
         return Receipt(header.upload_id, job_id, duplicate, size, sha256)
 
     def open_upload(self, principal: Principal, header: UploadHeader) -> PartialWriter:

@@ -144,7 +144,7 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
                 self._receive_chunks(request_iterator, writer)
                 return convert.receipt(self.service.finish_upload(principal, header, writer))
             finally:
-                writer.close()
+                self.service.close_upload(principal, header, writer)
 
     def _receive_chunks(self, requests: Iterator[pb.UploadKnowledgeRequest], writer: PartialWriter) -> None:
         for msg in requests:

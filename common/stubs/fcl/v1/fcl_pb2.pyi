@@ -255,8 +255,10 @@ class UploadHeader(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     upload_id: _builtins.str
-    """bound: 1-128 chars of [A-Za-z0-9_.-], the first a letter or digit
-    client-chosen unique id (e.g. a UUID), the idempotency key
+    """The idempotency key: the first header binds it to (size, sha256); a header naming other bytes
+    under it is refused with FAILED_PRECONDITION, while the upload is unfinished and after.
+    bound: 1-128 chars of [A-Za-z0-9_.-], the first a letter or digit
+    client-chosen unique id (e.g. a UUID)
     """
     task_key: _builtins.str
     """bound: 1-128 chars of [A-Za-z0-9_.-], the first a letter or digit
@@ -279,7 +281,7 @@ class UploadHeader(_message.Message):
     sha256 of the package
     """
     offset: _builtins.int
-    """Byte of the package the chunks that follow start at. 0 starts over (dropping bytes held);
+    """Byte of the package the chunks that follow start at. 0 starts the package over (dropping bytes held);
     > 0 resumes: at most UploadStatus.committed_size, same size and sha256, else ABORTED.
     bound: 0 to size
     """
