@@ -24,13 +24,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from common import wire_limits as wire
 from common.algorithms.stats import MAX_RANK, StatsBank, StatsTensors
 from common.zoo import ModelSpec, SmallModel, SpecError, expected_shapes
 
 FORMAT = "fcl-knowledge/1"
 KINDS = ("small", "head")
 # a label starts with a letter or digit: no blank, '.', '/' or '-'-led names
-LABEL_RE = re.compile(r"\w[\w.\-:/ ]{0,127}", re.UNICODE)
+LABEL_RE = re.compile(rf"\w[\w.\-:/ ]{{0,{wire.LABEL_MAX_CHARS - 1}}}", re.UNICODE)
 MAX_STATS_COUNT = 10**9  # more examples than any client has: one upload must not outweigh the whole bank
 STATS_TENSORS = ("stats.count", "stats.mean", "stats.std", "stats.basis")
 
@@ -41,9 +42,9 @@ class PackageError(ValueError):
 
 @dataclass(frozen=True)
 class PackageLimits:
-    max_bytes: int = 256 * 1024 * 1024
-    max_labels: int = 10_000
-    max_feature_dim: int = 8192
+    max_bytes: int = wire.PACKAGE_MAX_BYTES
+    max_labels: int = wire.MAX_LABELS
+    max_feature_dim: int = wire.MAX_FEATURE_DIM
 
 
 @dataclass
@@ -316,8 +317,8 @@ def _parse_labels(text: str, limits: PackageLimits) -> list[str]:
     for label in labels:
         if not isinstance(label, str) or not LABEL_RE.fullmatch(label):
             raise PackageError(
-                f"label {str(label)[:40]!r} is invalid: use 1-128 letters, digits, spaces or . - _ : /, "
-                "starting with a letter or digit"
+                f"label {str(label)[:40]!r} is invalid: use 1-{wire.LABEL_MAX_CHARS} letters, digits, spaces "
+                "or . - _ : /, starting with a letter or digit"
             )
     if len(set(labels)) != len(labels):
         raise PackageError("package labels contain duplicates")

@@ -76,6 +76,12 @@ class ServerConfig(BaseModel):
     insecure: bool = Field(False, description="allow plaintext on a non-loopback address")
     metrics_listen: str | None = Field(None, description="HOST:PORT of the Prometheus /metrics endpoint")
     dashboard_listen: str | None = Field(None, description="HOST:PORT of the read-only admin web dashboard")
+    client_quota_mb: int = Field(
+        1024,
+        ge=0,
+        description="MiB one client may make the server store (packages, partials, metrics); 0: no limit",
+    )
+    max_metric_rows: int = Field(100_000, ge=0, description="metric rows stored per client; 0: no limit")
 
     @field_validator("metrics_listen", "dashboard_listen")
     @classmethod
@@ -239,6 +245,8 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
         uploads_per_minute=config.uploads_per_minute,
         upload_mb_per_hour=config.upload_mb_per_hour,
         max_watchers=config.watchers(),
+        client_quota_mb=config.client_quota_mb,
+        max_metric_rows=config.max_metric_rows,
     )
     service = FclService(state, blobs, fm_host, limits)
     metrics = ServerMetrics()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,10 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import __version__
+from common import wire_limits as wire
 from common.package import PackageError, PackageLimits, validate_package_file
+from common.wire_limits import ID_RE as ID_RE  # re-exported (fcl_server.cli)
+from common.wire_limits import SHA_RE, quoted
 from fcl_server.blobs import BlobStore
 from fcl_server.errors import (
     Aborted,
+    DomainError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -31,18 +34,47 @@ from fcl_server.ratelimit import ByteQuota, RateLimiter
 from fcl_server.state import GLOBAL, PERSONAL, HeadVersion, Job, Principal, State
 
 log = logging.getLogger(__name__)
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 SERVER_VERSION = __version__
 HELPER_THREADS = 4  # uploads validated at once off their handler threads (one holds the GIL at a time)
+# a metric row's stored size at most, for the client's storage quota: client_id, task_key (128 chars
+# each), name (64), three numbers and SQLite's row and index overhead
+METRIC_ROW_BYTES = 512
+MIB = 1024 * 1024
+_ID_RULE = f"1-{wire.ID_MAX_CHARS} letters, digits, '_', '.' or '-', starting with a letter or digit"
+
+
+def check_id(field: str, value: str, example: str = "", optional: bool = False) -> None:
+    """An id field (client_id, upload_id, task_key) is 1-128 safe chars (empty too when `optional`)."""
+    if optional and not value:
+        return
+    if not ID_RE.match(value):
+        raise InvalidArgument(f"{field} must be {_ID_RULE}{example}; got {quoted(value)}")
+
+
+def check_sha256(field: str, value: str, optional: bool = False) -> None:
+    if optional and not value:
+        return
+    if not SHA_RE.match(value):
+        n = wire.SHA256_HEX_CHARS
+        rule = (
+            f"empty or a {n}-character lowercase hex sha256 digest"
+            if optional
+            else f"{n} lowercase hex digits"
+        )
+        raise InvalidArgument(f"{field} must be {rule}; got {quoted(value)}")
+
+
+def check_range(field: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise InvalidArgument(f"{field} must be >= {low} and <= {high}, not {value}")
 
 
 @dataclass(frozen=True)
 class ServerLimits:
     max_upload_bytes: int = 64 * 1024 * 1024
-    max_chunk_bytes: int = 4 * 1024 * 1024
-    max_labels: int = 10_000
-    max_metrics: int = 256
+    max_chunk_bytes: int = wire.MAX_CHUNK_BYTES
+    max_labels: int = wire.MAX_LABELS
+    max_metrics: int = wire.MAX_METRICS
     uploads_per_minute: int = 60  # per client; 0 disables the limit
     partial_upload_ttl_s: float = 24 * 3600.0  # unfinished uploads are dropped after this long idle
     max_partial_uploads: int = 8  # per client; starting one more drops the least recently written
@@ -52,6 +84,10 @@ class ServerLimits:
     # clients can never take every thread from the calls that do work
     max_watchers: int = 16
     watch_slice_s: float = 30.0
+    # what one client may make the server store: its accepted packages, its unfinished uploads (their
+    # declared sizes) and its metric rows (METRIC_ROW_BYTES each), in MiB; 0 disables the quota
+    client_quota_mb: int = 1024
+    max_metric_rows: int = 100_000  # metric rows stored per client; 0 disables the limit
 
 
 @dataclass(frozen=True)
@@ -184,6 +220,7 @@ class FclService:
             self.limits.max_partial_uploads,
         )
         self.upload_quota = ByteQuota(self.limits.upload_mb_per_hour)
+        self._metrics_lock = threading.Lock()  # ReportMetrics: a client's quota check and insert at once
         self.started = time.time()
 
     def close(self) -> None:
@@ -205,18 +242,32 @@ class FclService:
         return principal.name
 
     # -- registration and FM ----------------------------------------------------------------------
-    def register(self, principal: Principal, client_id: str, fm_digest: str, model_spec: str) -> Registration:
+    def register(
+        self, principal: Principal, client_id: str, fm_digest: str, model_spec: str, client_version: str = ""
+    ) -> Registration:
         own = self._client(principal)
+        check_id("client_id", client_id, optional=True)
         if client_id and client_id != own:
             raise PermissionDenied(f"token belongs to client {own!r}, not {client_id!r}")
-        if fm_digest and not SHA_RE.match(fm_digest):
-            raise InvalidArgument("fm_digest must be empty or a 64-character lowercase hex sha256 digest")
-        self.state.touch_client(own, fm_digest=fm_digest, model_spec=model_spec[:4096])
+        check_sha256("fm_digest", fm_digest, optional=True)
+        if len(client_version) > wire.CLIENT_VERSION_MAX_CHARS:
+            raise InvalidArgument(
+                f"client_version is {len(client_version)} chars, over the limit of "
+                f"{wire.CLIENT_VERSION_MAX_CHARS}; send a short version string: {quoted(client_version)}"
+            )
+        spec_bytes = len(model_spec.encode())
+        if spec_bytes > wire.MODEL_SPEC_JSON_MAX_BYTES:
+            raise InvalidArgument(
+                f"model_spec_json is {spec_bytes} bytes, over the limit of {wire.MODEL_SPEC_JSON_MAX_BYTES}; "
+                "send the small-model spec only (it is informational)"
+            )
+        self.state.touch_client(own, fm_digest=fm_digest, model_spec=model_spec)
         head = self.state.head(PERSONAL, own)
         info = self.fm_host.info
         return Registration(own, info, fm_digest == info.digest, head.version if head else 0)
 
     def fm_archive(self, offset: int, expected_sha: str) -> tuple[FMInfo, Path]:
+        check_sha256("archive_sha256", expected_sha, optional=True)
         info = self.fm_host.info
         if expected_sha and expected_sha != info.archive_blob:
             raise FailedPrecondition("the server's FM archive changed; restart the download from offset 0")
@@ -228,14 +279,11 @@ class FclService:
     def check_upload_header(self, principal: Principal, header: UploadHeader) -> Receipt | None:
         """Validate a header; returns the earlier receipt when this upload id was already accepted."""
         client = self._client(principal)
-        if not ID_RE.match(header.upload_id):
-            raise InvalidArgument("upload_id must be 1-128 letters, digits, '_', '.' or '-' (e.g. a UUID)")
-        if not ID_RE.match(header.task_key):
-            raise InvalidArgument("task_key must be 1-128 letters, digits, '_', '.' or '-'")
-        if header.task_index < 0:
-            raise InvalidArgument("task_index must be >= 0")
-        if not SHA_RE.match(header.sha256):
-            raise InvalidArgument("sha256 must be 64 lowercase hex digits")
+        check_id("upload_id", header.upload_id, " (e.g. a UUID)")
+        check_id("task_key", header.task_key, " (e.g. task-01)")
+        check_range("task_index", header.task_index, 0, wire.TASK_INDEX_MAX)
+        check_sha256("sha256", header.sha256)
+        check_sha256("fm_digest", header.fm_digest)
         if header.size < 1:
             raise InvalidArgument(f"upload size must be at least 1 byte, not {header.size}")
         if header.size > self.limits.max_upload_bytes:
@@ -249,18 +297,16 @@ class FclService:
             )
         if not 0 <= header.offset <= header.size:
             raise InvalidArgument(f"offset {header.offset} is outside the package (0..{header.size})")
+        self._check_upload_quota(client, header)
         existing = self.state.find_upload(client, header.upload_id)
         if existing is None:
-            held = self.partials.held(client, header.upload_id)
-            same = held is not None and (held.meta.size, held.meta.sha256) == (header.size, header.sha256)
-            if header.offset > 0 and not same:  # refused before charging: the retry from 0 pays once
-                raise Aborted(
-                    f"the server holds no bytes of upload {header.upload_id!r} for this package; ask "
-                    "GetUploadStatus and resume from its committed_size (0: start over)"
-                )
-            if not same:
-                self._admit_upload(client, header.size)  # retries of an accepted upload are free
-            # else it continues an upload that was charged when its first stream began
+            made = self._reserve_upload_id(client, header)
+            try:
+                self._admit_new_bytes(client, header)
+            except DomainError:
+                if made:  # a refused header binds nothing
+                    self.state.release_upload_id(client, header.upload_id)
+                raise
             return None
         self.partials.discard(client, header.upload_id)  # leftovers of a stream cut after acceptance
         if existing["sha256"] != header.sha256:
@@ -268,6 +314,79 @@ class FclService:
         return Receipt(
             header.upload_id, int(existing["job_id"]), True, int(existing["size"]), existing["sha256"]
         )
+
+    def _admit_new_bytes(self, client: str, header: UploadHeader) -> None:
+        """A resume must continue the bytes held; a fresh start is charged to the client's limits."""
+        held = self.partials.held(client, header.upload_id)
+        same = held is not None and (held.meta.size, held.meta.sha256) == (header.size, header.sha256)
+        if header.offset > 0 and not same:  # refused before charging: the retry from 0 pays once
+            raise Aborted(
+                f"the server holds no bytes of upload {header.upload_id!r} for this package; ask "
+                "GetUploadStatus and resume from its committed_size (0: start over)"
+            )
+        if not same:
+            self._admit_upload(client, header.size)  # retries of an accepted upload are free
+        # else it continues an upload that was charged when its first stream began
+
+    def _reserve_upload_id(self, client: str, header: UploadHeader) -> bool:
+        """Bind the upload id to this header's bytes before any is received: a racing stream under the
+        same id with other bytes is refused, so every receipt names the bytes its job uses. True when
+        this header made the binding."""
+        stale_before = time.time() - self.limits.partial_upload_ttl_s
+        bound = self.state.reserve_upload(client, header.upload_id, header.size, header.sha256, stale_before)
+        if isinstance(bound, tuple):
+            size, sha256 = bound
+            raise FailedPrecondition(
+                f"upload id {quoted(header.upload_id)} is already being uploaded with other content "
+                f"({size} bytes, sha256 {sha256[:12]}...); a new package needs a new upload id"
+            )
+        return bound
+
+    def close_upload(self, principal: Principal, header: UploadHeader, writer: PartialWriter) -> None:
+        """The stream is over, accepted or not: an upload of which nothing is held is unbound again."""
+        writer.close()
+        client = self._client(principal)
+        if self.partials.held(client, header.upload_id) is None:
+            self.state.release_upload_id(client, header.upload_id)
+
+    # -- per-client storage quota ----------------------------------------------------------------
+    def storage_used(self, client: str, except_upload: str = "") -> tuple[int, int, int]:
+        """Bytes the client makes the server store: (accepted packages, unfinished uploads, metric rows).
+
+        Unfinished uploads count at their declared size (what they grow to), `except_upload` not at all.
+        """
+        with self.state.tx() as db:  # one consistent read (the State has no query for this)
+            packages = int(
+                db.execute(
+                    "SELECT COALESCE(SUM(size), 0) FROM uploads WHERE client_id=?", (client,)
+                ).fetchone()[0]
+            )
+            rows = int(db.execute("SELECT COUNT(*) FROM metrics WHERE client_id=?", (client,)).fetchone()[0])
+        partial = 0
+        for meta_file in sorted((self.partials.root / client).glob("*.json")):
+            held = self.partials.held(client, meta_file.stem) if meta_file.stem != except_upload else None
+            partial += held.meta.size if held is not None else 0
+        return packages, partial, rows * METRIC_ROW_BYTES
+
+    def _check_storage(self, client: str, adding: int, what: str, except_upload: str = "") -> None:
+        """Refuse (RESOURCE_EXHAUSTED) what would take the client over --client-quota-mb."""
+        if not self.limits.client_quota_mb:
+            return
+        quota = self.limits.client_quota_mb * MIB
+        packages, partial, metrics = self.storage_used(client, except_upload)
+        if packages + partial + metrics + adding > quota:
+            raise ResourceExhausted(
+                f"{what} would take client {client!r} past its storage quota of "
+                f"{self.limits.client_quota_mb} MiB: it stores {packages} bytes of packages, {partial} of "
+                f"unfinished uploads and {metrics} of metrics, and this adds {adding}; nothing was stored. "
+                "Ask the operator for a larger --client-quota-mb"
+            )
+
+    def _check_upload_quota(self, client: str, header: UploadHeader) -> None:
+        if self.state.find_upload(client, header.upload_id) is not None:
+            return  # a retry of an accepted upload stores nothing new
+        # a resume (or restart) of an unfinished upload replaces its own held bytes
+        self._check_storage(client, header.size, "This upload", except_upload=header.upload_id)
 
     def _admit_upload(self, client: str, size: int) -> None:
         """Charge a new upload to the client's byte quota and upload rate, or say how long to wait."""
@@ -324,6 +443,10 @@ class FclService:
             client, header.upload_id, header.task_key, header.task_index, size, sha256
         )
         self.notifier.notify()
+        if duplicate:  # a stream of the same bytes got there first: name what its job uses
+            kept = self.state.find_upload(client, header.upload_id)
+            if kept is not None:
+                size, sha256 = int(kept["size"]), str(kept["sha256"])
         return Receipt(header.upload_id, job_id, duplicate, size, sha256)
 
     def open_upload(self, principal: Principal, header: UploadHeader) -> PartialWriter:
@@ -360,8 +483,7 @@ class FclService:
 
     def upload_status(self, principal: Principal, upload_id: str) -> UploadProgress:
         client = self._client(principal)
-        if not ID_RE.match(upload_id):
-            raise InvalidArgument("upload_id must be 1-128 letters, digits, '_', '.' or '-' (e.g. a UUID)")
+        check_id("upload_id", upload_id, " (e.g. a UUID)")
         existing = self.state.find_upload(client, upload_id)
         if existing is not None:
             size, sha256 = int(existing["size"]), str(existing["sha256"])
@@ -408,6 +530,9 @@ class FclService:
     def head(
         self, principal: Principal, scope: str, client_id: str, version: int
     ) -> tuple[HeadVersion, Path]:
+        check_id("client_id", client_id, optional=True)
+        if version < 0:
+            raise InvalidArgument(f"version must be >= 0 (0: the latest), not {version}")
         if scope == GLOBAL:
             if not principal.is_admin:
                 raise PermissionDenied("the global head is readable with an admin token only")
@@ -428,19 +553,49 @@ class FclService:
         self, principal: Principal, task_key: str, task_index: int, values: dict[str, float]
     ) -> int:
         client = self._client(principal)
+        check_id("task_key", task_key, " (e.g. task-01)")
+        check_range("task_index", task_index, 0, wire.TASK_INDEX_MAX)
         if len(values) > self.limits.max_metrics:
-            raise InvalidArgument(f"at most {self.limits.max_metrics} metrics per report")
+            raise InvalidArgument(f"at most {self.limits.max_metrics} metrics per report, not {len(values)}")
         for name, value in values.items():
-            if not ID_RE.match(name.replace("/", "_")) or not math.isfinite(value):
+            if not wire.METRIC_NAME_RE.match(name):
                 raise InvalidArgument(
-                    f"metric {name!r}={value} is invalid: use a short name and a finite number"
+                    f"metric name {quoted(name)} is invalid: use a short name of "
+                    f"1-{wire.METRIC_NAME_MAX_CHARS} letters, digits, '_', '.', '-' or '/', starting with a "
+                    "letter or digit"
                 )
-        self.state.touch_client(client)
-        return self.state.put_metrics(client, task_key, task_index, values)
+            if not math.isfinite(value):
+                raise InvalidArgument(f"metric {name!r} is {value}: each value must be a finite number")
+        with self._metrics_lock:  # the quota check and the insert are one step per client
+            self._check_metric_quota(client, task_index, values)
+            self.state.touch_client(client)
+            return self.state.put_metrics(client, task_key, task_index, values)
+
+    def _check_metric_quota(self, client: str, task_index: int, values: dict[str, float]) -> None:
+        """Refuse a report whose new rows would pass --max-metric-rows or the storage quota."""
+        with self.state.tx() as db:  # a row is (client, task_index, name): a repeated report replaces it
+            rows = int(db.execute("SELECT COUNT(*) FROM metrics WHERE client_id=?", (client,)).fetchone()[0])
+            stored = {
+                str(r[0])
+                for r in db.execute(
+                    "SELECT name FROM metrics WHERE client_id=? AND task_index=?", (client, task_index)
+                )
+            }
+        new_rows = len(values.keys() - stored)
+        if not new_rows:
+            return
+        cap = self.limits.max_metric_rows
+        if cap and rows + new_rows > cap:
+            raise ResourceExhausted(
+                f"client {client!r} stores {rows} metric rows, the most allowed is {cap}, and this report "
+                f"adds {new_rows}; report fewer metrics, or ask the operator for a larger --max-metric-rows"
+            )
+        self._check_storage(client, new_rows * METRIC_ROW_BYTES, "This report")
 
     def status(self, principal: Principal, max_jobs: int) -> StatusView:
         if not principal.is_admin:
             raise PermissionDenied("GetStatus needs an admin token (fcl-server enroll --admin NAME)")
+        check_range("max_jobs", max_jobs, 0, wire.MAX_STATUS_JOBS)
         clients = []
         for row in self.state.clients():
             head = self.state.head(PERSONAL, row["client_id"])
@@ -460,6 +615,6 @@ class FclService:
             self.state.label_count(),
             self.state.queue_depth(),
             clients,
-            self.state.jobs(max_jobs or 100),
+            self.state.jobs(max_jobs or wire.DEFAULT_STATUS_JOBS),
             time.time() - self.started,
         )

@@ -157,7 +157,12 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
     ) -> pb.RegisterResponse:
         principal = await self._auth(context)
         reg = await self._run(
-            self.service.register, principal, request.client_id, request.fm_digest, request.model_spec_json
+            self.service.register,
+            principal,
+            request.client_id,
+            request.fm_digest,
+            request.model_spec_json,
+            request.client_version,
         )
         return convert.registration(reg)
 
@@ -205,7 +210,7 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
                     receipt = await self._run(self.service.finish_upload, principal, header, writer)
                     return convert.receipt(receipt)
                 finally:
-                    await self._run(writer.close)
+                    await self._run(self.service.close_upload, principal, header, writer)
 
     async def _receive_chunks(
         self, requests: AsyncIterator[pb.UploadKnowledgeRequest], writer: PartialWriter

@@ -100,6 +100,18 @@ class ServeSettings(LayeredSettings):
     )
     log_level: str = Field("INFO", description=", ".join(LOG_LEVELS))
     log_format: LogFormat = Field("text", description="text (for people) or json (one object per line)")
+    client_quota_mb: int = Field(
+        _SERVER["client_quota_mb"].default,
+        ge=0,
+        description="MiB one client may make the server store: its packages, unfinished uploads and metric "
+        "rows; past it uploads and reports get RESOURCE_EXHAUSTED (0: no limit)",
+    )
+    max_metric_rows: int = Field(
+        _SERVER["max_metric_rows"].default,
+        ge=0,
+        description="metric rows (task × metric name) stored per client; past it reports get "
+        "RESOURCE_EXHAUSTED (0: no limit)",
+    )
 
     @field_validator("listen", "metrics_listen", "dashboard_listen")
     @classmethod

@@ -39,6 +39,9 @@ CREATE TABLE IF NOT EXISTS metrics (
   client_id TEXT NOT NULL, task_key TEXT NOT NULL, task_index INTEGER NOT NULL, name TEXT NOT NULL,
   value REAL NOT NULL, reported REAL NOT NULL, PRIMARY KEY (client_id, task_index, name));
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS upload_reservations (
+  client_id TEXT NOT NULL, upload_id TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
+  reserved REAL NOT NULL, PRIMARY KEY (client_id, upload_id));
 """
 
 GLOBAL = "global"
@@ -172,15 +175,52 @@ class State:
                 "SELECT * FROM uploads WHERE client_id=? AND upload_id=?", (client_id, upload_id)
             ).fetchone()
 
+    def reserve_upload(
+        self, client_id: str, upload_id: str, size: int, sha256: str, stale_before: float
+    ) -> tuple[int, str] | bool:
+        """Bind an unfinished upload id to the package (size, sha256) its header announced.
+
+        Returns the (size, sha256) the id is bound to when those are other bytes; else whether this
+        call made the binding (False: it renewed one for the same bytes).
+        A binding not renewed since `stale_before` (an abandoned upload) gives way; those of the
+        client are dropped here, so abandoned ids do not pile up.
+        """
+        with self.tx() as db:
+            db.execute(
+                "DELETE FROM upload_reservations WHERE client_id=? AND reserved<?", (client_id, stale_before)
+            )
+            row = db.execute(
+                "SELECT size, sha256 FROM upload_reservations WHERE client_id=? AND upload_id=?",
+                (client_id, upload_id),
+            ).fetchone()
+            if row is not None and (int(row["size"]), str(row["sha256"])) != (size, sha256):
+                return int(row["size"]), str(row["sha256"])
+            db.execute(
+                "INSERT OR REPLACE INTO upload_reservations VALUES (?,?,?,?,?)",
+                (client_id, upload_id, size, sha256, time.time()),
+            )
+            return row is None
+
+    def release_upload_id(self, client_id: str, upload_id: str) -> None:
+        """Drop an unfinished upload's binding (nothing of it is held, so nothing can resume)."""
+        with self.tx() as db:
+            db.execute(
+                "DELETE FROM upload_reservations WHERE client_id=? AND upload_id=?", (client_id, upload_id)
+            )
+
     def add_upload_and_job(
         self, client_id: str, upload_id: str, task_key: str, task_index: int, size: int, sha256: str
     ) -> tuple[int, bool]:
         """Record an accepted upload and queue its job, and touch the client; returns (job_id, duplicate).
 
-        One transaction, so one durable commit (an fsync) per upload.
+        One transaction, so one durable commit (an fsync) per upload. The upload id's reservation
+        ends here: from now on the uploads row binds it.
         """
         now = time.time()
         with self.tx() as db:
+            db.execute(
+                "DELETE FROM upload_reservations WHERE client_id=? AND upload_id=?", (client_id, upload_id)
+            )
             db.execute("INSERT OR IGNORE INTO clients(client_id, created) VALUES (?,?)", (client_id, now))
             db.execute("UPDATE clients SET last_seen=? WHERE client_id=?", (now, client_id))
             row = db.execute(

@@ -157,9 +157,7 @@ def test_rpc_lines_in_text_and_json(session: Session) -> None:
     assert parsed["method"] == "UploadKnowledge" and parsed["client_id"] == "alice" and parsed["code"] == "OK"
     assert parsed["bytes_in"] >= session.upload_size and parsed["duration_ms"] > 0
     assert parsed["peer"].startswith("ipv4:127.0.0.1:")
-    assert parsed["msg"].startswith("UploadKnowledge client=alice peer=") and parsed["ts"].endswith(
-        "+00:00"
-    )
+    assert parsed["msg"].startswith("UploadKnowledge client=alice peer=") and parsed["ts"].endswith("+00:00")
 
 
 def test_one_log_line_per_job_in_text_and_json(session: Session) -> None:

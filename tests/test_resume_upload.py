@@ -160,16 +160,19 @@ def test_a_resume_must_continue_the_bytes_held(
     past = stream(data, "res-1", offset=3 * CHUNK)
     assert code_of(lambda: send(stub, past, fm)) == grpc.StatusCode.ABORTED
     other = data[:-1] + bytes([data[-1] ^ 1])
-    assert code_of(lambda: send(stub, stream(other, "res-1", offset=CHUNK), fm)) == grpc.StatusCode.ABORTED
+    # the id is bound to the package its first header named: other bytes are refused, resumed or not
+    for offset in (CHUNK, 0):
+        refused = stream(other, "res-1", offset=offset)
+        assert code_of(lambda: send(stub, refused, fm)) == grpc.StatusCode.FAILED_PRECONDITION  # noqa: B023
     beyond = stream(data, "res-1", offset=len(data) + 1)
     assert code_of(lambda: send(stub, beyond, fm)) == grpc.StatusCode.INVALID_ARGUMENT
     assert status(stub, "res-1").committed_size == 2 * CHUNK  # refused resumes leave the bytes alone
-    # offset 0 starts over, for whatever package the header now names
+    # offset 0 starts the same package over, dropping the bytes held
     assert (
-        code_of(lambda: send(stub, stream(other, "res-1", end=CHUNK), fm)) == grpc.StatusCode.INVALID_ARGUMENT
+        code_of(lambda: send(stub, stream(data, "res-1", end=CHUNK), fm)) == grpc.StatusCode.INVALID_ARGUMENT
     )
     held = status(stub, "res-1")
-    assert (held.committed_size, held.sha256) == (CHUNK, sha(other))
+    assert (held.committed_size, held.sha256) == (CHUNK, sha(data))
 
 
 def test_damaged_held_bytes_are_dropped_and_the_upload_starts_over(

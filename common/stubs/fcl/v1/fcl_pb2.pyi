@@ -7,6 +7,13 @@ Authentication: every call carries `authorization: Bearer <token>` metadata. Cli
 issued by `fcl-server enroll CLIENT_ID`; admin tokens by `fcl-server enroll --admin NAME`.
 Anything that can be large (FM archive, knowledge packages, heads) is chunked: no message relies
 on a gRPC message-size limit. Every transfer is verified by size and sha256.
+
+Bounds: each request field that could carry much states its bound in a `bound:` comment (the values
+are common/wire_limits.py; a test keeps the two equal). A value beyond its bound fails the call with
+INVALID_ARGUMENT (RESOURCE_EXHAUSTED for sizes) and nothing is stored. Each client also has a storage
+quota on the server (its packages, unfinished uploads and metric rows: --client-quota-mb and
+--max-metric-rows): an UploadKnowledge or ReportMetrics call that would exceed it gets
+RESOURCE_EXHAUSTED, stores nothing, and affects no other client.
 """
 
 from collections import abc as _abc
@@ -116,12 +123,19 @@ class RegisterRequest(_message.Message):
     CLIENT_VERSION_FIELD_NUMBER: _builtins.int
     MODEL_SPEC_JSON_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
-    """must match the token's client"""
+    """bound: empty, or 1-128 chars of [A-Za-z0-9_.-], the first a letter or digit
+    must match the token's client
+    """
     fm_digest: _builtins.str
-    """digest of the client's local FM; empty if it has none"""
+    """bound: empty, or 64 lowercase hex digits
+    digest of the client's local FM; empty if it has none
+    """
     client_version: _builtins.str
+    """bound: at most 64 chars"""
     model_spec_json: _builtins.str
-    """the client's small-model spec (informational)"""
+    """bound: at most 4096 bytes (UTF-8)
+    the client's small-model spec (informational)
+    """
     def __init__(
         self,
         *,
@@ -179,9 +193,13 @@ class GetFoundationModelRequest(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     ARCHIVE_SHA256_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
-    """resume point in the archive"""
+    """bound: 0 to FoundationModelInfo.archive_size
+    resume point in the archive
+    """
     archive_sha256: _builtins.str
-    """optional: fail with FAILED_PRECONDITION if the archive changed"""
+    """bound: empty, or 64 lowercase hex digits
+    optional: fail with FAILED_PRECONDITION if the archive changed
+    """
     def __init__(
         self,
         *,
@@ -237,20 +255,35 @@ class UploadHeader(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     upload_id: _builtins.str
-    """client-chosen unique id (e.g. a UUID), the idempotency key"""
+    """The idempotency key: the first header binds it to (size, sha256); a header naming other bytes
+    under it is refused with FAILED_PRECONDITION, while the upload is unfinished and after.
+    bound: 1-128 chars of [A-Za-z0-9_.-], the first a letter or digit
+    client-chosen unique id (e.g. a UUID)
+    """
     task_key: _builtins.str
-    """the client's name for the task, e.g. "task-01" """
+    """bound: 1-128 chars of [A-Za-z0-9_.-], the first a letter or digit
+    the client's name for the task, e.g. "task-01"
+    """
     task_index: _builtins.int
-    """position of the task in the client's stream"""
+    """bound: 0-100000
+    position of the task in the client's stream
+    """
     fm_digest: _builtins.str
-    """FM the package was trained on; must equal the server's"""
+    """bound: 64 lowercase hex digits
+    FM the package was trained on; must equal the server's
+    """
     size: _builtins.int
-    """total bytes of the package"""
+    """bound: 1 to the server's max_upload_bytes (default 64 MiB), within the client's quota
+    total bytes of the package
+    """
     sha256: _builtins.str
-    """sha256 of the package"""
+    """bound: 64 hex digits
+    sha256 of the package
+    """
     offset: _builtins.int
-    """Byte of the package the chunks that follow start at. 0 starts over (dropping bytes held);
+    """Byte of the package the chunks that follow start at. 0 starts the package over (dropping bytes held);
     > 0 resumes: at most UploadStatus.committed_size, same size and sha256, else ABORTED.
+    bound: 0 to size
     """
     def __init__(
         self,
@@ -278,6 +311,7 @@ class UploadKnowledgeRequest(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    """bound: at most 4194304 bytes per message"""
     @_builtins.property
     def header(self) -> Global___UploadHeader: ...
     def __init__(
@@ -334,6 +368,7 @@ class GetUploadStatusRequest(_message.Message):
 
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
     upload_id: _builtins.str
+    """bound: 1-128 chars of [A-Za-z0-9_.-], the first a letter or digit"""
     def __init__(
         self,
         *,
@@ -455,9 +490,13 @@ class GetKnowledgeRequest(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     scope: Global___HeadScope.ValueType
     version: _builtins.int
-    """0 = latest"""
+    """bound: >= 0
+    0 = latest
+    """
     client_id: _builtins.str
-    """whose personalised head; empty = the caller's own (others: admin only)"""
+    """bound: empty, or 1-128 chars of [A-Za-z0-9_.-], the first a letter or digit
+    whose personalised head; empty = the caller's own (others: admin only)
+    """
     def __init__(
         self,
         *,
@@ -564,10 +603,14 @@ class ReportMetricsRequest(_message.Message):
     TASK_INDEX_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     task_key: _builtins.str
+    """bound: 1-128 chars of [A-Za-z0-9_.-], the first a letter or digit"""
     task_index: _builtins.int
+    """bound: 0-100000"""
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """e.g. "small/acc": 0.91"""
+        """bound: at most 256 entries; names 1-64 chars of [A-Za-z0-9_./-], the first a letter or digit; values finite
+        e.g. "small/acc": 0.91
+        """
 
     def __init__(
         self,
@@ -610,7 +653,9 @@ class GetStatusRequest(_message.Message):
 
     MAX_JOBS_FIELD_NUMBER: _builtins.int
     max_jobs: _builtins.int
-    """newest jobs to list; 0 = 100"""
+    """bound: 0-10000
+    newest jobs to list; 0 = 100
+    """
     def __init__(
         self,
         *,

@@ -7,6 +7,13 @@ Authentication: every call carries `authorization: Bearer <token>` metadata. Cli
 issued by `fcl-server enroll CLIENT_ID`; admin tokens by `fcl-server enroll --admin NAME`.
 Anything that can be large (FM archive, knowledge packages, heads) is chunked: no message relies
 on a gRPC message-size limit. Every transfer is verified by size and sha256.
+
+Bounds: each request field that could carry much states its bound in a `bound:` comment (the values
+are common/wire_limits.py; a test keeps the two equal). A value beyond its bound fails the call with
+INVALID_ARGUMENT (RESOURCE_EXHAUSTED for sizes) and nothing is stored. Each client also has a storage
+quota on the server (its packages, unfinished uploads and metric rows: --client-quota-mb and
+--max-metric-rows): an UploadKnowledge or ReportMetrics call that would exceed it gets
+RESOURCE_EXHAUSTED, stores nothing, and affects no other client.
 """
 
 from collections import abc as _abc

@@ -1,0 +1,93 @@
+"""Every bound on what a request may carry, in one place.
+
+The server validates each field against these (fcl_server/service.py, common/package.py) and refuses
+a value beyond its bound with INVALID_ARGUMENT (RESOURCE_EXHAUSTED for sizes). `PROTO_BOUNDS` is the
+text of the `// bound:` comment of each request field in protos/fcl/v1/fcl.proto; tests/test_bounds.py
+checks that the two agree, so the contract cannot drift from the code. Limits an operator tunes
+(upload size, rates, quotas) are `ServerLimits` in fcl_server/service.py, not here.
+"""
+
+from __future__ import annotations
+
+import re
+
+# -- ids and digests --------------------------------------------------------------------------------
+ID_MAX_CHARS = 128  # client_id, upload_id, task_key: 1..128 chars of ID_CHARS, the first a letter or digit
+ID_CHARS = "[A-Za-z0-9_.-]"
+# \A..\Z, not ^..$: '$' also matches before a trailing newline, which would let "x\n" through
+ID_RE = re.compile(rf"\A[A-Za-z0-9][A-Za-z0-9_.\-]{{0,{ID_MAX_CHARS - 1}}}\Z")
+SHA256_HEX_CHARS = 64  # fm_digest, sha256, archive_sha256: a sha256 digest in lowercase hex
+SHA_RE = re.compile(rf"\A[0-9a-f]{{{SHA256_HEX_CHARS}}}\Z")
+
+# -- Register ---------------------------------------------------------------------------------------
+CLIENT_VERSION_MAX_CHARS = 64  # RegisterRequest.client_version
+MODEL_SPEC_JSON_MAX_BYTES = 4096  # RegisterRequest.model_spec_json, UTF-8 bytes (stored per client)
+
+# -- uploads ----------------------------------------------------------------------------------------
+TASK_INDEX_MAX = 100_000  # UploadHeader.task_index, ReportMetricsRequest.task_index: 0..TASK_INDEX_MAX
+MAX_CHUNK_BYTES = 4 * 1024 * 1024  # UploadKnowledgeRequest.chunk (ServerLimits.max_chunk_bytes default)
+
+# -- knowledge packages (common/package.py validates them) ------------------------------------------
+MAX_LABELS = 10_000  # label names per package (PackageLimits/ServerLimits.max_labels default)
+LABEL_MAX_CHARS = 128  # one label name: 1..128 chars, see package.LABEL_RE
+MAX_FEATURE_DIM = 8192  # a package's feature_dim (PackageLimits.max_feature_dim default)
+PACKAGE_MAX_BYTES = 256 * 1024 * 1024  # PackageLimits.max_bytes default (the server uses max_upload_bytes)
+
+# -- ReportMetrics ----------------------------------------------------------------------------------
+MAX_METRICS = 256  # metrics per ReportMetrics call (ServerLimits.max_metrics default)
+METRIC_NAME_MAX_CHARS = 64  # a metric name: 1..64 chars of [A-Za-z0-9_./-], the first a letter or digit
+METRIC_NAME_RE = re.compile(rf"\A[A-Za-z0-9][A-Za-z0-9_./\-]{{0,{METRIC_NAME_MAX_CHARS - 1}}}\Z")
+
+# -- GetStatus --------------------------------------------------------------------------------------
+MAX_STATUS_JOBS = 10_000  # GetStatusRequest.max_jobs: 0..MAX_STATUS_JOBS (about 1 MB of JobStatus)
+DEFAULT_STATUS_JOBS = 100  # max_jobs = 0 lists this many
+
+# -- error messages ---------------------------------------------------------------------------------
+QUOTE_CHARS = 32  # an error message quotes at most this much of an offending value
+
+
+def quoted(value: str | bytes, limit: int = QUOTE_CHARS) -> str:
+    """repr of `value`, cut to its first `limit` chars (and its length) when longer: safe in a message.
+
+    Never put unbounded input into a status message whole: a long one exceeds the client's metadata
+    limit, and the client then sees a transport error instead of the real one.
+    """
+    if len(value) <= limit:
+        return repr(value)
+    unit = "bytes" if isinstance(value, bytes) else "chars"
+    return f"{value[:limit]!r}...({len(value)} {unit})"
+
+
+# -- the bounds as the .proto states them -----------------------------------------------------------
+_ID = f"1-{ID_MAX_CHARS} chars of {ID_CHARS}, the first a letter or digit"
+_SHA = f"{SHA256_HEX_CHARS} lowercase hex digits"
+_TASK_INDEX = f"0-{TASK_INDEX_MAX}"
+
+# "Message.field" → the text after `// bound: ` above that field in fcl.proto (every string, bytes,
+# repeated and map field of every request, and the integers that have a range)
+PROTO_BOUNDS: dict[str, str] = {
+    "RegisterRequest.client_id": f"empty, or {_ID}",
+    "RegisterRequest.fm_digest": f"empty, or {_SHA}",
+    "RegisterRequest.client_version": f"at most {CLIENT_VERSION_MAX_CHARS} chars",
+    "RegisterRequest.model_spec_json": f"at most {MODEL_SPEC_JSON_MAX_BYTES} bytes (UTF-8)",
+    "GetFoundationModelRequest.offset": "0 to FoundationModelInfo.archive_size",
+    "GetFoundationModelRequest.archive_sha256": f"empty, or {_SHA}",
+    "UploadKnowledgeRequest.chunk": f"at most {MAX_CHUNK_BYTES} bytes per message",
+    "UploadHeader.upload_id": _ID,
+    "UploadHeader.task_key": _ID,
+    "UploadHeader.task_index": _TASK_INDEX,
+    "UploadHeader.fm_digest": _SHA,
+    "UploadHeader.size": "1 to the server's max_upload_bytes (default 64 MiB), within the client's quota",
+    "UploadHeader.sha256": f"{SHA256_HEX_CHARS} hex digits",
+    "UploadHeader.offset": "0 to size",
+    "GetUploadStatusRequest.upload_id": _ID,
+    "GetKnowledgeRequest.version": ">= 0",
+    "GetKnowledgeRequest.client_id": f"empty, or {_ID}",
+    "ReportMetricsRequest.task_key": _ID,
+    "ReportMetricsRequest.task_index": _TASK_INDEX,
+    "ReportMetricsRequest.metrics": (
+        f"at most {MAX_METRICS} entries; names 1-{METRIC_NAME_MAX_CHARS} chars of [A-Za-z0-9_./-], "
+        "the first a letter or digit; values finite"
+    ),
+    "GetStatusRequest.max_jobs": f"0-{MAX_STATUS_JOBS}",
+}
