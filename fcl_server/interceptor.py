@@ -17,7 +17,7 @@ import grpc
 from common.logs import fields
 from fcl_server.errors import ResourceExhausted
 from fcl_server.metrics import ServerMetrics
-from fcl_server.streams import StreamLimits, StreamSlots, read_with_idle_timeout, write_with_idle_timeout
+from fcl_server.streams import ActiveContext, Activity, StreamLimits, StreamSlots, noting, until_idle
 
 log = logging.getLogger("fcl_server.rpc")
 # probes and tooling call these often; their lines are DEBUG so they do not drown the RPCs of clients
@@ -112,7 +112,7 @@ def _method_of(details: grpc.HandlerCallDetails) -> tuple[str, str]:
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
-    """Bounds every stream: idle timeouts on reads and writes, and a cap on the open services' streams.
+    """Bounds every stream: an idle timeout, and one cap on the streams of the open services.
 
     The servicer caps each authenticated client's streams (it knows the caller); health Watch and
     reflection take no token, so their streams share one cap here.
@@ -140,20 +140,18 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         idle = self.limits.idle_s
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            activity = Activity()
             if request_streaming:
-                request = read_with_idle_timeout(request, idle, context)
-
-            async def write(message: Any) -> None:
-                await write_with_idle_timeout(message, idle, context)
-
-            if not capped:
-                return await _drive(behavior, request, context, write)
+                request = noting(request, activity)
+            active = ActiveContext(context, activity)
             with ExitStack() as slot:
-                try:
-                    slot.enter_context(self.anonymous.hold(""))
-                except ResourceExhausted as exc:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-                return await _drive(behavior, request, context, write)
+                if capped:
+                    try:
+                        slot.enter_context(self.anonymous.hold(""))
+                    except ResourceExhausted as exc:
+                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                work = _drive(behavior, request, active, active.write)
+                return await until_idle(work, activity, idle, context)
 
         return handle
 
@@ -182,7 +180,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             call = self.start(service, method, context.peer())
             if not handler.request_streaming:  # a request stream's bytes are reported by its handler
                 call.bytes_in = _size(request)
-            reset = _current.set(call)
+            _current.set(call)  # each RPC runs in a task of its own, with a context of its own
             try:
                 response = await _drive(behavior, request, context, context.write)
             except asyncio.CancelledError:  # the client cancelled, went away or ran out of time
@@ -191,8 +189,6 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             except BaseException:  # abort() or a failure: the code the handler set, else UNKNOWN
                 self.finish(call, _code(context, failed=True))
                 raise
-            finally:
-                _current.reset(reset)
             if response is not None:
                 call.bytes_out += _size(response)
             self.finish(call, _code(context, failed=False))

@@ -139,6 +139,7 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
         self.executor = executor
         self.chunk_size = chunk_size
         limits = streams or StreamLimits()
+        self.idle_s = limits.idle_s
         self.client_streams = StreamSlots(limits.per_client, "client", "--max-streams-per-client")
         self.ticks = JobTicks(service.notifier)
 
@@ -241,7 +242,8 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
         principal = await self._auth(context)
         tick, last = self.ticks.tick, None
         with self.client_streams.hold(principal.name), self.service.watch_slot() as open_for:
-            ends = time.monotonic() + open_for
+            # a watch ends (OK; the client watches again) well before the idle timer would cut it
+            ends = time.monotonic() + min(open_for, self.idle_s / 2)
             while True:
                 job, position = await self._run(self._job_and_position, principal, request.job_id)
                 if (job.state, position) != last:

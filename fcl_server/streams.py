@@ -4,22 +4,28 @@ An open stream costs the asyncio server a task and some memory, never a thread, 
 cannot starve other calls. These bounds keep that memory bounded and free what idle callers hold:
 * each authenticated client may hold `per_client` streams at once;
 * streams of the open services (health Watch, reflection) are capped at `anonymous` in total;
-* a stream on which no message moves for `idle_s` is ended by the server (DEADLINE_EXCEEDED).
+* a stream on which no message moves, in or out, for `idle_s` is ended by the server
+  (DEADLINE_EXCEEDED): a client that sends nothing, reads nothing (the server's writes stall on
+  flow control) or only waits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from fcl_server.errors import ResourceExhausted
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,24 +69,57 @@ def idle_message(idle_s: float) -> str:
     return f"no message for {idle_s:g} s: the server ended the idle stream (its --stream-idle-s)"
 
 
-async def read_with_idle_timeout(
-    requests: AsyncIterator[Any], idle_s: float, context: grpc.aio.ServicerContext
-) -> AsyncIterator[Any]:
-    """The request stream, ended with DEADLINE_EXCEEDED when the client sends nothing for `idle_s`."""
-    iterator = aiter(requests)
-    while True:
-        try:
-            message = await asyncio.wait_for(anext(iterator), idle_s)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, idle_message(idle_s))
+class Activity:
+    """When a message last moved on a stream, in or out."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+
+class ActiveContext:
+    """The call's context, noting each message the handler writes or reads (everything else passes)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, activity: Activity) -> None:
+        self._context = context
+        self._activity = activity
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)  # returns once flow control took it: a stalled reader never does
+        self._activity.touch()
+
+    async def read(self) -> Any:
+        message = await self._context.read()
+        self._activity.touch()
+        return message
+
+
+async def noting(requests: AsyncIterator[Any], activity: Activity) -> AsyncIterator[Any]:
+    async for message in requests:
+        activity.touch()
         yield message
 
 
-async def write_with_idle_timeout(message: Any, idle_s: float, context: grpc.aio.ServicerContext) -> None:
-    """Send one response; a client that reads nothing for `idle_s` (flow control stalls) is dropped."""
+async def until_idle(
+    work: Coroutine[Any, Any, T], activity: Activity, idle_s: float, context: grpc.aio.ServicerContext
+) -> T:
+    """Run the handler; if no message moves for `idle_s`, cancel it and end the call DEADLINE_EXCEEDED."""
+    task = asyncio.ensure_future(work)
     try:
-        await asyncio.wait_for(context.write(message), idle_s)
-    except TimeoutError:
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, idle_message(idle_s))
+        while (left := activity.last + idle_s - time.monotonic()) > 0:
+            done, _ = await asyncio.wait({task}, timeout=left)
+            if done:
+                return task.result()
+    except asyncio.CancelledError:  # the call itself ended (client cancel, deadline): so does the handler
+        task.cancel()
+        raise
+    task.cancel()
+    with contextlib.suppress(BaseException):  # the handler unwinds (its slots are released) first
+        await task
+    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, idle_message(idle_s))
+    raise AssertionError("abort() returns only by raising")

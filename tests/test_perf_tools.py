@@ -86,8 +86,18 @@ def test_headline_numbers_and_goal_verdicts() -> None:
         "obod_job_s_15k_150_no_stats": True,
         "concurrency_200_p99_s": True,
         "concurrency_200_errors": False,
+        **dict.fromkeys(("hostile_check_p99_s", "hostile_register_p99_ratio"), None),
+        **dict.fromkeys(("hostile_upload_p99_ratio", "hostile_errors"), None),
     }
     assert goals(headline({}))["fe_ratio_vs_limit"]["met"] is None
+    hostile = {"hostile_check_p99_s": 0.05, "hostile_register_p99_ratio": 3.0, "hostile_errors": 0}
+    verdicts = {k: v["met"] for k, v in goals(headline({"hostile": hostile})).items() if "hostile" in k}
+    assert verdicts == {
+        "hostile_check_p99_s": True,
+        "hostile_register_p99_ratio": False,
+        "hostile_upload_p99_ratio": None,
+        "hostile_errors": True,
+    }
 
 
 def test_percentile_interpolates() -> None:

@@ -1,9 +1,10 @@
 """`python -m benchmarks.perf [--quick] --out FILE`: every performance figure beside its reference, one run.
 
 Parts: transfer (vs a plain grpcio echo), Flower (vs one Flower round), feature extraction (vs the
-matmul compute limit), OBOD job time (cost model), concurrency (many clients at once) and client cost
-(SMCF per task on CLINC150). Each part's reference is measured in the same run, so ratios hold on a
-noisy machine. Writes one JSON document whose top-level keys are the headline numbers and `goals`.
+matmul compute limit), OBOD job time (cost model), concurrency (many clients at once), client cost
+(SMCF per task on CLINC150) and hostile (honest calls while idle streams are held open). Each part's
+reference is measured in the same run, so ratios hold on a noisy machine. Writes one JSON document
+whose top-level keys are the headline numbers and `goals`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.perf import concurrency, fe, flower, jobs, transfer
+from benchmarks.perf import concurrency, fe, flower, hostile, jobs, transfer
 from benchmarks.perf.util import load_average, machine_info, torch_threads
 from common.fm import FoundationModel
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ("transfer", "flower", "fe", "jobs", "concurrency", "client")
+PARTS = ("transfer", "flower", "fe", "jobs", "concurrency", "client", "hostile")
 
 
 def plan(quick: bool) -> dict[str, Any]:
@@ -36,6 +37,7 @@ def plan(quick: bool) -> dict[str, Any]:
             "jobs": {"corpus_sizes": [1_000, 15_000], "label_counts": [30, 150], "repeat": 1},
             "concurrency": {"counts": [10, 200], "settle_s": 5.0, "repeat": 1},
             "client": {"max_tasks": 1},
+            "hostile": {"calls": 30, "give_up_after": 2},
         }
     return {
         "transfer": {"sizes_mb": [1, 16, 256], "repeat": 3},
@@ -49,6 +51,7 @@ def plan(quick: bool) -> dict[str, Any]:
         "jobs": {"corpus_sizes": [1_000, 4_000, 15_000], "label_counts": [30, 150, 600], "repeat": 2},
         "concurrency": {"counts": [10, 50, 200], "settle_s": 20.0, "repeat": 3},
         "client": {"max_tasks": 1_000},
+        "hostile": {"calls": 50, "give_up_after": 5},
     }
 
 
@@ -65,6 +68,15 @@ def run_client_cost(data: Path, max_tasks: int, threads: int) -> dict[str, Any]:
         return result
 
 
+HOSTILE_KEYS = (
+    "hostile_check_p99_s",
+    "hostile_register_p99_ratio",
+    "hostile_upload_p99_ratio",
+    "hostile_errors",
+    "hostile_max_growth_per_call_bytes",
+)
+
+
 def headline(parts: dict[str, Any]) -> dict[str, Any]:
     """The top-level numbers the issue asks for (None where a part was skipped)."""
     bursts = {b["clients"]: b for b in parts.get("concurrency", {}).get("bursts", [])}
@@ -79,6 +91,7 @@ def headline(parts: dict[str, Any]) -> dict[str, Any]:
         "concurrency_200_errors": c200.get("errors"),
         "client_smcf_s_per_task": parts.get("client", {}).get("smcf_s_per_task_median"),
         "client_peak_rss_mb": parts.get("client", {}).get("peak_rss_mb"),
+        **{key: parts.get("hostile", {}).get(key) for key in HOSTILE_KEYS},
     }
 
 
@@ -90,6 +103,10 @@ GOALS = {
     "obod_job_s_15k_150_no_stats": ("<=", 5.0),
     "concurrency_200_p99_s": ("<=", 2.0),
     "concurrency_200_errors": ("<=", 0),
+    "hostile_check_p99_s": ("<=", 0.1),
+    "hostile_register_p99_ratio": ("<=", 2.0),
+    "hostile_upload_p99_ratio": ("<=", 2.0),
+    "hostile_errors": ("<=", 0),
 }
 
 
@@ -185,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 parts[part] = concurrency.run(s["counts"], s["settle_s"], s["repeat"])
             elif part == "client":
                 parts[part] = run_client_cost(args.data, s["max_tasks"], args.threads)
+            elif part == "hostile":
+                parts[part] = hostile.run(s["calls"], give_up_after=s["give_up_after"])
             parts[part].update(source)
             parts[part]["part_wall_s"] = time.perf_counter() - started
             parts[part]["load_average_after"] = load_average()
