@@ -136,3 +136,15 @@ def start_client(
         # the token travels in the environment, not argv, where `ps` would show it
         env = {**_env(), "FCL_TOKEN": token}
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def issue_token(state: Path, name: str, admin: bool = False) -> str:
+    """Issue a token in process, as `enroll` does without starting a process (the server may run)."""
+    from fcl_server.app import open_state
+    from fcl_server.cli import new_token
+
+    token = new_token()
+    db = open_state(state)
+    db.add_token(token, name, admin)
+    db.close()
+    return token

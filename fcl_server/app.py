@@ -110,7 +110,9 @@ T = TypeVar("T")
 
 # HTTP/2 and keepalive settings, chosen rather than inherited (docs/operations.md, "Serving model")
 CONNECTION_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.max_concurrent_streams", 128),  # per connection; the stream caps per caller are lower
+    # per connection: clients in one process share one, so 200 of them bursting at once need 200; the
+    # bounds per caller are the stream caps and the thread pool
+    ("grpc.max_concurrent_streams", 1024),
     ("grpc.max_connection_idle_ms", 5 * 60_000),  # a connection with no call for 5 min is closed
     ("grpc.max_connection_age_ms", 60 * 60_000),  # each connection is renewed hourly ...
     ("grpc.max_connection_age_grace_ms", 10 * 60_000),  # ... letting its calls (a 64 MB upload) finish

@@ -8,13 +8,12 @@ from typing import Any
 
 import torch
 
-from benchmarks.cluster import ServerProcess, start_server
+from benchmarks.cluster import ServerProcess, issue_token, start_server
 from common.algorithms.stats import StatsBank
 from common.fm import FoundationModel
 from common.package import KnowledgePackage, encode_package
 from common.zoo import SmallModel, parse_spec
-from fcl_server.app import RunningServer, ServerConfig, create_server, open_state
-from fcl_server.cli import new_token
+from fcl_server.app import RunningServer, ServerConfig, create_server
 
 
 def inprocess_server(tmp_path: Path, fm: FoundationModel, **config: Any) -> RunningServer:
@@ -39,16 +38,8 @@ def package_bytes(fm: FoundationModel, labels: list[str], spec: str = "linear") 
 
 
 # -- real server processes (fault and soak tests) ---------------------------------------------------------
+enroll = issue_token  # a token in process: `fcl-server enroll` has its own tests, this saves a process start
 ACCEPTED = re.compile(r"upload (\S+) of (\S+) accepted: (\d+) bytes \((\d+) resumed")
-
-
-def enroll(state: Path, name: str, admin: bool = False) -> str:
-    """Issue a token in process (`fcl-server enroll` has its own tests; this saves a process start)."""
-    token = new_token()
-    db = open_state(state)
-    db.add_token(token, name, admin)
-    db.close()
-    return token
 
 
 def serve(state: Path, log: Path, tmp: Path, *extra: str) -> ServerProcess:

@@ -26,13 +26,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2_grpc
 
 from benchmarks.cluster import ServerProcess, start_server
+from benchmarks.cluster import issue_token as enroll
 from benchmarks.perf.harness import package_of_size
 from benchmarks.perf.util import MB, MIB, percentile
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.stubs.fcl.v1 import fcl_pb2_grpc
 from fcl_client.connection import Connection
-from fcl_server.app import open_state
-from fcl_server.cli import new_token
 
 # idle streams a hostile client can hold open, and what it sends on each
 KINDS: dict[str, str] = {
@@ -58,15 +57,6 @@ def fresh_channel(target: str) -> grpc.Channel:
 
 def bearer(token: str) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
-
-
-def enroll(state: Path, name: str, admin: bool = False) -> str:
-    """A token issued in process (as `fcl-server enroll` does; the server may be running)."""
-    token = new_token()
-    db = open_state(state)
-    db.add_token(token, name, admin)
-    db.close()
-    return token
 
 
 def dir_bytes(root: Path) -> int:
@@ -288,32 +278,46 @@ def open_kind(
 
 
 # -- the benchmark part ----------------------------------------------------------------------------------
-def _series(honest: Honest, what: str, calls: int, give_up_after: int) -> dict[str, Any]:
-    """`calls` sequential calls; a failed call counts with the time it took (its deadline, when stalled)."""
-    seconds: list[float] = []
-    outcomes: Counter[str] = Counter()
+def _series(
+    honest: Honest, what: str, calls: int, give_up_after: int, seconds: list[float], outcomes: Counter[str]
+) -> None:
+    """`calls` sequential calls, added to `seconds` and `outcomes`; a failed call counts with the time it
+    took (its deadline, when stalled)."""
     in_a_row = 0
-    for _ in range(calls):
+    for done in range(calls):
         took, outcome = honest.call(what)
         seconds.append(took)
         outcomes[outcome] += 1
         in_a_row = 0 if outcome == "OK" else in_a_row + 1
         if in_a_row >= give_up_after:
-            outcomes[FAILED_EARLY] = calls - len(seconds)
+            outcomes[FAILED_EARLY] += calls - done - 1
             break
-    errors = sum(n for k, n in outcomes.items() if k not in ("OK", FAILED_EARLY))
-    return {
-        "calls": len(seconds),
-        "p50_s": percentile(seconds, 50),
-        "p99_s": percentile(seconds, 99),
-        "max_s": max(seconds),
-        "errors": errors,
-        "outcomes": dict(outcomes),
-    }
 
 
-def _phase(honest: Honest, calls: int, give_up_after: int) -> dict[str, Any]:
-    return {what: _series(honest, what, calls, give_up_after) for what in HONEST_CALLS}
+class _Phase:
+    """The honest calls of one condition (idle or attacked), gathered over several rounds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {what: [] for what in HONEST_CALLS}
+        self.outcomes: dict[str, Counter[str]] = {what: Counter() for what in HONEST_CALLS}
+
+    def measure(self, honest: Honest, calls: int, give_up_after: int) -> None:
+        for what in HONEST_CALLS:
+            _series(honest, what, calls, give_up_after, self.seconds[what], self.outcomes[what])
+
+    def summary(self) -> dict[str, Any]:
+        out = {}
+        for what in HONEST_CALLS:
+            seconds, outcomes = self.seconds[what], self.outcomes[what]
+            out[what] = {
+                "calls": len(seconds),
+                "p50_s": percentile(seconds, 50),
+                "p99_s": percentile(seconds, 99),
+                "max_s": max(seconds),
+                "errors": sum(n for k, n in outcomes.items() if k not in ("OK", FAILED_EARLY)),
+                "outcomes": dict(outcomes),
+            }
+        return out
 
 
 def metrics_growth(target: str, token: str, state: Path) -> dict[str, Any]:
@@ -389,6 +393,7 @@ def run(
     timeout_s: float = 10.0,
     give_up_after: int = 3,
     extra_args: Sequence[str] = (),
+    rounds: int = 5,
 ) -> dict[str, Any]:
     """The part: honest latency idle and under attack, then growth per call; one server process."""
     streams_each = streams_per_worker * max_workers
@@ -411,17 +416,23 @@ def run(
             honest = Honest(
                 target, honest_token, "honest", admin, package_of_size(digest, MB), digest, timeout_s
             )
-            idle = _phase(honest, calls, give_up_after)
             small = package_of_size(digest, 200_000, seed=1)
             prepare(target, hostile, small, digest)
-            job_id = queue_watched_job(target, hostile, small, digest)  # before any stream holds a thread
-            with IdleStreams(target) as streams:
-                for kind in KINDS:
-                    open_kind(streams, kind, streams_each, hostile, digest, job_id)
-                time.sleep(1.0)  # the server takes the streams in before the honest calls arrive
-                at_start = streams.outcomes()
-                attacked = _phase(honest, calls, give_up_after)
-                at_end = streams.outcomes()
+            # idle and attacked blocks alternate, so both see the same background (the distillation
+            # worker runs the jobs of the honest uploads throughout)
+            idle, attacked = _Phase(), _Phase()
+            at_start: dict[str, Any] = {}
+            at_end: dict[str, Any] = {}
+            for _ in range(rounds):
+                idle.measure(honest, calls // rounds, give_up_after)
+                job_id = queue_watched_job(target, hostile, small, digest)
+                with IdleStreams(target) as streams:
+                    for kind in KINDS:
+                        open_kind(streams, kind, streams_each, hostile, digest, job_id)
+                    time.sleep(1.0)  # the server takes the streams in before the honest calls arrive
+                    at_start = at_start or streams.outcomes()
+                    attacked.measure(honest, calls // rounds, give_up_after)
+                    at_end = streams.outcomes()
             recovered = serving(target, 120)
             growth = {
                 "report_metrics": metrics_growth(target, honest_token, state),
@@ -432,8 +443,10 @@ def run(
                 honest.close()
             server.stop(timeout=60)
 
+    idle_s, attacked_s = idle.summary(), attacked.summary()
+
     def ratio(what: str) -> float | None:
-        a, b = attacked[what]["p99_s"], idle[what]["p99_s"]
+        a, b = attacked_s[what]["p99_s"], idle_s[what]["p99_s"]
         return a / b if a is not None and b else None
 
     return {
@@ -441,8 +454,9 @@ def run(
             f"one fcl-server serve process (--max-workers {max_workers}, no upload rate limits); an "
             f"honest client on its own channels makes {calls} sequential calls of each kind (health "
             "Check, Register, Connection.upload of a new 1 MB package, no retries; "
-            f"{timeout_s:.0f} s deadlines) on the idle server, then again while a hostile client holds "
-            f"{streams_each} idle streams of each of {len(KINDS)} kinds open at once (4 per channel); a "
+            f"{timeout_s:.0f} s deadlines) on the idle server, and as many while a hostile client holds "
+            f"{streams_each} idle streams of each of {len(KINDS)} kinds open at once (4 per channel), in "
+            f"{rounds} alternating blocks of each (the attack re-opened for each block); a "
             "failed call counts in the latencies with the time it took and in the errors; after "
             f"{give_up_after} failures in a row a call kind is not tried again (outcomes.failed_early); "
             "growth: state-dir bytes added by one ReportMetrics with the largest fields accepted, and "
@@ -451,15 +465,16 @@ def run(
         "kinds": KINDS,
         "max_workers": max_workers,
         "streams_per_kind": streams_each,
-        "idle": idle,
-        "attacked": attacked,
+        "rounds": rounds,
+        "idle": idle_s,
+        "attacked": attacked_s,
         "streams_at_start": at_start,
         "streams_at_end": at_end,
         "recovered_after_attack": recovered,
         "growth": growth,
-        "hostile_check_p99_s": attacked["check"]["p99_s"],
+        "hostile_check_p99_s": attacked_s["check"]["p99_s"],
         "hostile_register_p99_ratio": ratio("register"),
         "hostile_upload_p99_ratio": ratio("upload"),
-        "hostile_errors": sum(s["errors"] for phase in (idle, attacked) for s in phase.values()),
+        "hostile_errors": sum(s["errors"] for phase in (idle_s, attacked_s) for s in phase.values()),
         "hostile_max_growth_per_call_bytes": max(g["growth_bytes"] for g in growth.values()),
     }
