@@ -167,6 +167,7 @@ class RunningServer:
         if self.dashboard is not None:
             self.dashboard.stop()
         self.metrics.stop_http()
+        self.service.blobs.close()
         self.state.close()
 
     async def _stop_grpc(self, grace: float) -> None:

@@ -1,18 +1,45 @@
-"""Content-addressed blob store: files named by their sha256, written atomically (temp, fsync, rename)."""
+"""Content-addressed blob store: files named by their sha256, written atomically (temp, fsync, rename).
+
+The store may be shared by several server processes, on one host or over a shared filesystem. Each
+process writes its temp files in a directory of its own under `tmp/`, named by host, pid and a random
+suffix; at start a process removes only the temp directories of processes that are gone: on its own
+host, those whose pid is dead; on any host, those untouched for `stale_temp_s`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import socket
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
+STALE_TEMP_S = 3600.0  # a temp dir untouched this long belongs to no live process (a temp lives seconds)
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
 
 class BlobStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, stale_temp_s: float = STALE_TEMP_S) -> None:
         self.root = root
-        self.tmp = root / "tmp"
+        self.stale_temp_s = stale_temp_s
+        self.tmp_root = root / "tmp"
+        self.tmp = self.tmp_root / f"{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     def path(self, digest: str) -> Path:
@@ -26,7 +53,7 @@ class BlobStore:
     def put_bytes(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
         if not self.exists(digest):
-            fd, tmp = tempfile.mkstemp(dir=self.tmp)
+            fd, tmp = tempfile.mkstemp(dir=self._temp_dir())
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
@@ -44,7 +71,12 @@ class BlobStore:
 
     def new_temp(self) -> Path:
         """A fresh name in the temp dir; nothing is created (the caller's write or rename makes it)."""
-        return self.tmp / f"{uuid.uuid4().hex}.part"
+        return self._temp_dir() / f"{uuid.uuid4().hex}.part"
+
+    def _temp_dir(self) -> Path:
+        # made again if another process swept it as stale while this one was idle for long
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        return self.tmp
 
     def read(self, digest: str) -> bytes:
         return self.path(digest).read_bytes()
@@ -53,11 +85,33 @@ class BlobStore:
         return self.path(digest).stat().st_size
 
     def clear_temp(self) -> int:
-        """Drop partial writes left by a crash; returns how many."""
-        stale = list(self.tmp.iterdir())
-        for path in stale:
-            path.unlink(missing_ok=True)
-        return len(stale)
+        """Drop the temp files of processes that are gone (left by a crash); returns how many.
+
+        Never another live process's: those may be uploads in flight.
+        """
+        dropped = 0
+        for entry in self.tmp_root.iterdir():
+            if entry == self.tmp or not self._abandoned(entry):
+                continue
+            if entry.is_dir():
+                dropped += sum(1 for p in entry.iterdir() if p.is_file())
+                shutil.rmtree(entry, ignore_errors=True)
+            else:  # a temp file of a version that wrote them straight into tmp/
+                entry.unlink(missing_ok=True)
+                dropped += 1
+        return dropped
+
+    def close(self) -> None:
+        """Remove this process's temp dir (empty once no write is in flight)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _abandoned(self, entry: Path) -> bool:
+        host, _, rest = entry.name.partition("-")
+        pid = rest.partition("-")[0]
+        if entry.is_dir() and host == _host() and pid.isdigit():
+            return not _pid_alive(int(pid))
+        newest = max((p.stat().st_mtime for p in entry.rglob("*")), default=entry.stat().st_mtime)
+        return time.time() - max(newest, entry.stat().st_mtime) > self.stale_temp_s or not entry.is_dir()
 
     def _publish(self, tmp: Path, digest: str) -> None:
         dest = self.path(digest)

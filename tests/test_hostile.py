@@ -2,9 +2,8 @@
 
 Idle streams of every kind (KINDS) held open by a hostile client must not stall an honest client's
 calls; an fcl.v1 stream without a token is refused before it may wait; state-dir growth per call stays
-bounded. TestStreamOptions needs the serve options of issue 12 (--stream-idle-s,
---max-streams-per-client, --max-anonymous-streams): a server without them does not start, and those
-tests error at setup (deselect with `-k "not TestStreamOptions"`).
+bounded. TestStreamOptions runs a second server with small stream bounds (--stream-idle-s,
+--max-streams-per-client, --max-anonymous-streams) and checks that each one bites.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def plan(quick: bool) -> dict[str, Any]:
         "jobs": {"corpus_sizes": [1_000, 4_000, 15_000], "label_counts": [30, 150, 600], "repeat": 2},
         "concurrency": {"counts": [10, 50, 200], "settle_s": 20.0, "repeat": 3},
         "client": {"max_tasks": 1_000},
-        "hostile": {"calls": 50, "give_up_after": 5},
+        "hostile": {"calls": 100, "give_up_after": 5},
     }
 
 

@@ -28,7 +28,7 @@ MIB = 1024 * 1024
 def start_server(
     root: Path, fm: FoundationModel, max_upload_bytes: int = 64 * MIB, worker: bool = False, **cfg: Any
 ) -> RunningServer:
-    """A real server on 127.0.0.1:0 with a tiny public corpus and no upload rate or byte limits.
+    """A real server on 127.0.0.1:0 with a tiny public corpus and no upload rate, byte or storage limits.
 
     With `worker=False` the distillation worker is stopped once U is computed, so uploads only queue
     jobs and no OBOD job competes with the transfer being measured.
@@ -42,6 +42,7 @@ def start_server(
         public_corpus=corpus,
         uploads_per_minute=0,
         upload_mb_per_hour=0,
+        client_quota_mb=0,  # a benchmark client stores GBs of packages
         max_upload_bytes=max_upload_bytes,
         **cfg,
     )
