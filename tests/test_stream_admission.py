@@ -227,3 +227,24 @@ def _watch_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [
         r for r in caplog.records if r.name == "fcl_server.rpc" and r.getMessage().startswith("WatchJob ")
     ]
+
+
+def test_a_call_whose_deadline_passes_is_logged_as_deadline_exceeded(
+    server: RunningServer, fm: FoundationModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = enroll(server.state_dir, "alice")
+    job = _queued_job(server, fm, token)
+    with (
+        caplog.at_level(logging.DEBUG, logger="fcl_server.rpc"),
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        call = fcl_pb2_grpc.FclServiceStub(channel).WatchJob(
+            pb.WatchJobRequest(job_id=job), metadata=_meta(token), timeout=0.25
+        )  # before the server would end this watch (half of --stream-idle-s, 0.5 s)
+        assert _code(lambda: list(call)) == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _watch_lines(caplog):
+            time.sleep(0.05)
+    lines = _watch_lines(caplog)
+    assert len(lines) == 1 and " code=DEADLINE_EXCEEDED " in lines[0].getMessage(), lines
+    assert lines[0].levelname == "INFO" and "client=alice" in lines[0].getMessage()
