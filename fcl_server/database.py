@@ -233,8 +233,8 @@ def current(engine: sa.Engine) -> Revision:
         return read_revision(conn)
 
 
-def upgrade(engine: sa.Engine) -> tuple[Revision, Revision]:
-    """Bring the database to the head revision in one transaction; returns (before, after).
+def upgrade(engine: sa.Engine, target: str = "head") -> tuple[Revision, Revision]:
+    """Bring the database to the head revision (or `target`) in one transaction; returns (before, after).
 
     A 0.1.0 database (its tables, no alembic_version) is stamped at BASELINE first: nothing of it is
     rewritten, every row stays as it was."""
@@ -246,7 +246,7 @@ def upgrade(engine: sa.Engine) -> tuple[Revision, Revision]:
         config = _alembic(conn)
         if before.revision is not None and not before.stamped:
             command.stamp(config, before.revision)
-        command.upgrade(config, "head")
+        command.upgrade(config, target)
         after = read_revision(conn)
     return before, after
 
@@ -267,7 +267,10 @@ def ensure_current(engine: sa.Engine, auto_upgrade: bool) -> Revision:
     _check_known(engine, revision)
     if auto_upgrade:
         return upgrade(engine)[1]
+    run = "`fcl-server db upgrade --database URL` (this URL)"
+    if revision.revision is None:
+        raise DatabaseError(f"{mask(engine.url)} has no fcl schema yet: create it with {run}")
     raise DatabaseError(
-        f"{mask(engine.url)} is at schema revision {revision.describe()}; this fcl-server needs "
-        f"{revision.head}. Back it up, then run `fcl-server db upgrade --database URL` (with this URL)"
+        f"{mask(engine.url)} is at schema revision {revision.describe()}, this fcl-server needs "
+        f"{revision.head}: back it up, then run {run}"
     )

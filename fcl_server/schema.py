@@ -2,12 +2,12 @@
 
 The types are chosen so that each backend gets what it needs from one definition:
 * SQLite keeps the declared types of 0.1.0 (TEXT, INTEGER, REAL; `INTEGER PRIMARY KEY AUTOINCREMENT` job
-  ids), so a 0.1.0 database is this schema at revision 0001;
+  ids): 0.1.0's tables are revision 0001, and 0002 only makes its four single TEXT keys NOT NULL;
 * PostgreSQL gets DOUBLE PRECISION for times and values (its REAL is 4 bytes: seconds since 1970 would
   lose minutes), BIGINT for ids and sizes, an identity column for job ids, and TEXT compared bytewise
   (COLLATE "C", as SQLite compares), so ORDER BY gives the same order on both.
 
-A change here needs a new revision under fcl_server/migrations/versions (the migrations never import
+A change here needs a new revision under fcl_server/migrations/versions (the revisions never import
 this module: each revision keeps the tables as they were when it was written).
 """
 

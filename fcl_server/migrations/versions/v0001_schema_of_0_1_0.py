@@ -1,7 +1,9 @@
 """The schema of fcl 0.1.0 (tokens, clients, labels, uploads, jobs, heads, metrics, kv, reservations).
 
 A 0.1.0 state database has these tables and no alembic_version: fcl_server.database checks its columns
-and stamps it at this revision without running it.
+and stamps it at this revision without running it. On SQLite this creates exactly 0.1.0's tables, down
+to its single TEXT primary keys that SQLite lets be NULL (`TEXT PRIMARY KEY` without NOT NULL; 0002
+adds it); on PostgreSQL every primary key column is NOT NULL anyway.
 
 Revision ID: 0001
 Revises:
@@ -29,9 +31,10 @@ EMPTY = sa.text("''")
 
 
 def upgrade() -> None:
+    sqlite = op.get_bind().dialect.name == "sqlite"
     op.create_table(
         "tokens",
-        sa.Column("token_hash", TEXT, primary_key=True),
+        sa.Column("token_hash", TEXT, primary_key=True, nullable=True),
         sa.Column("principal", TEXT, nullable=False),
         sa.Column("is_admin", INT, nullable=False),
         sa.Column("created", REAL, nullable=False),
@@ -39,7 +42,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "clients",
-        sa.Column("client_id", TEXT, primary_key=True),
+        sa.Column("client_id", TEXT, primary_key=True, nullable=True),
         sa.Column("created", REAL, nullable=False),
         sa.Column("last_seen", REAL, nullable=False, server_default=ZERO),
         sa.Column("fm_digest", TEXT, nullable=False, server_default=EMPTY),
@@ -47,7 +50,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "labels",
-        sa.Column("name", TEXT, primary_key=True),
+        sa.Column("name", TEXT, primary_key=True, nullable=True),
         sa.Column("id", INT, nullable=False, unique=True),
     )
     op.create_table(
@@ -64,7 +67,9 @@ def upgrade() -> None:
     )
     op.create_table(
         "jobs",
-        sa.Column("job_id", BIGINT, sa.Identity(), primary_key=True),
+        # SQLite: `INTEGER PRIMARY KEY AUTOINCREMENT` as 0.1.0 declared it (the rowid: never NULL);
+        # PostgreSQL: an identity column, which must be NOT NULL
+        sa.Column("job_id", BIGINT, sa.Identity(), primary_key=True, nullable=sqlite),
         sa.Column("client_id", TEXT, nullable=False),
         sa.Column("upload_id", TEXT, nullable=False),
         sa.Column("task_key", TEXT, nullable=False),
@@ -102,7 +107,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "kv",
-        sa.Column("key", TEXT, primary_key=True),
+        sa.Column("key", TEXT, primary_key=True, nullable=True),
         sa.Column("value", TEXT, nullable=False),
     )
     op.create_table(
