@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pwd
 import secrets
 import shutil
 import socket
@@ -51,6 +52,12 @@ class Cluster:
         self._names = itertools.count(1)
         self._as: list[str] = []
         if os.geteuid() == 0:  # initdb and postgres refuse root
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError(
+                    "running as root, and there is no postgres user to run PostgreSQL as"
+                ) from None
             if shutil.which("runuser") is None:
                 raise RuntimeError("running as root without runuser: cannot start PostgreSQL as postgres")
             self._as = ["runuser", "-u", "postgres", "--"]
