@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser test test-slow lint proto proto-check demo clean
+.PHONY: install browser postgres test test-slow lint proto proto-check demo clean
 
 install: $(STAMP)
 
@@ -27,7 +27,17 @@ browser:
 	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1)) ; } || \
 	  echo "chromium not installed: browser tests will be skipped"
 
-test: install lint browser
+# The storage tests start a throwaway PostgreSQL cluster (tests/pg.py): install the server where we can
+# (root + apt; Debian puts initdb in /usr/lib/postgresql/*/bin). Where it cannot be installed those
+# tests skip and say why; SQLite, the default, needs nothing.
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && export DEBIAN_FRONTEND=noninteractive && \
+	    (apt-get install -y -qq --no-install-recommends postgresql >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends postgresql >/dev/null 2>&1)) ; } || \
+	  echo "PostgreSQL not installed: PostgreSQL tests will be skipped"
+
+test: install lint browser postgres
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: install

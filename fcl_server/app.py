@@ -28,6 +28,7 @@ from common.stubs.fcl.v1 import fcl_pb2, fcl_pb2_grpc
 from common.tls import TLSConfigError, TLSFiles, is_loopback
 from fcl_server.blobs import BlobStore
 from fcl_server.dashboard import DashboardServer, start_dashboard
+from fcl_server.database import database_url
 from fcl_server.fm_host import FMHost, read_public_corpus
 from fcl_server.interceptor import AdmissionInterceptor, ObservingInterceptor
 from fcl_server.metrics import ServerMetrics
@@ -45,6 +46,8 @@ class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     state_dir: Path
+    # repr=False: the URL may hold a password (fcl_server.database.mask shows it safely)
+    database: str | None = Field(None, repr=False, description="database URL (default: SQLite in state_dir)")
     listen: str = "127.0.0.1:50051"
     fm: str = DEFAULT_FM
     public_corpus: Path | None = Field(None, description="unlabeled text, one sentence per line")
@@ -225,8 +228,9 @@ def default_public_corpus() -> Path:
     return builtin.public_path()
 
 
-def open_state(state_dir: Path) -> State:
-    return State(state_dir / "state.sqlite3")
+def open_state(state_dir: Path | None, database: str | None = None) -> State:
+    """The server's State: `database` (a URL) when given, else the SQLite file in the state dir."""
+    return State(database_url(state_dir, database))
 
 
 def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> RunningServer:
@@ -234,7 +238,7 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
     config.check_transport()
     credentials = config.tls().server_credentials() if config.tls().enabled else None
     state_dir = config.state_dir
-    state = open_state(state_dir)
+    state = open_state(state_dir, config.database)
     blobs = BlobStore(state_dir / "blobs")
     dropped = blobs.clear_temp()
     requeued = state.requeue_running()
@@ -294,6 +298,7 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
     worker.start()
     port = grpc_server.port
     log.info("fcl-server listening on %s (port %d), FM %s %s", config.listen, port, fm.name, fm.digest[:12])
+    log.info("state database: %s", state.url)
     return RunningServer(
         grpc_server.server,
         port,

@@ -1,9 +1,10 @@
-"""`fcl-server`: run the daemon (serve) and manage tokens (enroll, revoke)."""
+"""`fcl-server`: run the daemon (serve), manage tokens (enroll, revoke) and the database (db)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -11,11 +12,13 @@ import threading
 from pathlib import Path
 
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from common.fm import FoundationModelError
 from common.logs import setup_logging
 from common.settings import add_settings_command, given_flags, load_settings
 from fcl_server.app import create_server, open_state
+from fcl_server.database import DatabaseError, create_engine, current, database_url, mask, upgrade
 from fcl_server.settings import ServeSettings
 
 
@@ -33,14 +36,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     enroll = sub.add_parser("enroll", help="issue a bearer token for a client (or an admin) and print it")
-    enroll.add_argument("--state-dir", type=Path, required=True)
+    _database_flags(enroll)
     enroll.add_argument("client_id", help="client id (or admin name with --admin)")
     enroll.add_argument("--admin", action="store_true", help="issue an admin token (GetStatus, global head)")
 
     revoke = sub.add_parser("revoke", help="revoke every token of a client or admin")
-    revoke.add_argument("--state-dir", type=Path, required=True)
+    _database_flags(revoke)
     revoke.add_argument("client_id")
+
+    db = sub.add_parser("db", help="the state database's schema: upgrade it, or show its revision")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    _database_flags(
+        db_sub.add_parser(
+            "upgrade",
+            help="migrate the database to this version's schema, keeping every row (a 0.1.0 state dir too)",
+        )
+    )
+    _database_flags(
+        db_sub.add_parser("current", help="print the database's schema revision; exit 1 when behind the head")
+    )
     return parser
+
+
+def _database_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir", type=Path, default=_env_path("FCL_STATE_DIR"), help="state dir (env FCL_STATE_DIR)"
+    )
+    parser.add_argument(
+        "--database",
+        default=os.environ.get("FCL_DATABASE") or None,
+        metavar="URL",
+        help="database URL, e.g. postgresql+psycopg://USER:PASSWORD@HOST/DB (env FCL_DATABASE; "
+        "default: SQLite in --state-dir)",
+    )
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,11 +82,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return serve(args)
         if args.command == "enroll":
-            return enroll(args.state_dir, args.client_id, args.admin)
+            return enroll(args.state_dir, args.client_id, args.admin, args.database)
         if args.command == "revoke":
-            return revoke(args.state_dir, args.client_id)
-    except (ValidationError, FoundationModelError, ValueError, OSError) as exc:
+            return revoke(args.state_dir, args.client_id, args.database)
+        if args.command == "db":
+            return db_command(args.db_command, args.state_dir, args.database)
+    except (ValidationError, FoundationModelError, ValueError, OSError, DatabaseError) as exc:
         print(f"fcl-server: error: {_explain(exc)}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:  # e.g. PostgreSQL unreachable: the driver's reason, never the URL
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(f"fcl-server: error: database: {reason}", file=sys.stderr)
         return 2
     return 2
 
@@ -76,25 +115,45 @@ def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
-def enroll(state_dir: Path, client_id: str, admin: bool) -> int:
+def enroll(state_dir: Path | None, client_id: str, admin: bool, database: str | None = None) -> int:
     from fcl_server.service import ID_RE
 
     if not ID_RE.match(client_id):
         raise ValueError(f"client id {client_id!r} must be 1-128 letters, digits, '_', '.' or '-'")
     token = new_token()
-    state = open_state(state_dir)
+    state = open_state(state_dir, database)
     state.add_token(token, client_id, admin)
     state.close()
     print(token)
     return 0
 
 
-def revoke(state_dir: Path, client_id: str) -> int:
-    state = open_state(state_dir)
+def revoke(state_dir: Path | None, client_id: str, database: str | None = None) -> int:
+    state = open_state(state_dir, database)
     count = state.revoke_tokens(client_id)
     state.close()
     print(f"revoked {count} token(s) of {client_id}", file=sys.stderr)
     return 0 if count else 1
+
+
+def db_command(command: str, state_dir: Path | None, database: str | None) -> int:
+    """`db upgrade`: migrate to the head revision; `db current`: print the revision (exit 1 when behind)."""
+    url = database_url(state_dir, database)
+    engine = create_engine(url)
+    try:
+        print(f"database: {mask(url)}", file=sys.stderr)
+        if command == "upgrade":
+            before, after = upgrade(engine)
+            if before == after:
+                print(f"already at {after.describe()}")
+            else:
+                print(f"upgraded {before.describe()} -> {after.describe()}")
+            return 0
+        revision = current(engine)
+        print(revision.describe())
+        return 0 if revision.at_head else 1
+    finally:
+        engine.dispose()
 
 
 def serve(args: argparse.Namespace) -> int:

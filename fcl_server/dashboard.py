@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import sqlite3
 import ssl
 import threading
 import time
@@ -18,7 +17,7 @@ from common.report.svg import Series, line_chart
 from common.tls import TLSConfigError, TLSFiles, is_loopback
 from fcl_server.errors import PermissionDenied, Unauthenticated
 from fcl_server.service import FclService, StatusView
-from fcl_server.state import GLOBAL, PERSONAL, HeadVersion, Job, JobState, Principal
+from fcl_server.state import GLOBAL, PERSONAL, HeadVersion, Job, JobState, Principal, Record
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ class DashboardData:
 
     status: StatusView
     heads: list[HeadVersion]
-    metrics: list[sqlite3.Row]
+    metrics: list[Record]
     now: float
 
 
@@ -198,7 +197,7 @@ def _heads(data: DashboardData) -> str:
     )
 
 
-def accuracy_series(metrics: list[sqlite3.Row]) -> list[Series]:
+def accuracy_series(metrics: list[Record]) -> list[Series]:
     """One series per (client, metric whose name contains 'acc'): x = task number (index + 1)."""
     points: dict[str, list[tuple[float, float]]] = {}
     for row in metrics:

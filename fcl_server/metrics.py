@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
@@ -14,7 +13,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from common import __version__
-from fcl_server.state import GLOBAL, PERSONAL, State
+from fcl_server.state import GLOBAL, PERSONAL, State, StateClosed
 
 log = logging.getLogger(__name__)
 NAMESPACE = "fcl"
@@ -108,7 +107,7 @@ class StateCollector(Collector):
                 "labels": ("labels in the global label registry", self.state.label_count()),
                 "worker_busy": ("1 while a distillation job runs", int(self.worker_busy())),
             }
-        except sqlite3.ProgrammingError:  # database closed: the server is shutting down
+        except StateClosed:  # database closed: the server is shutting down
             return
         for name, (doc, value) in values.items():
             yield GaugeMetricFamily(f"fcl_{name}", doc, value=value)

@@ -355,13 +355,7 @@ class FclService:
 
         Unfinished uploads count at their declared size (what they grow to), `except_upload` not at all.
         """
-        with self.state.tx() as db:  # one consistent read (the State has no query for this)
-            packages = int(
-                db.execute(
-                    "SELECT COALESCE(SUM(size), 0) FROM uploads WHERE client_id=?", (client,)
-                ).fetchone()[0]
-            )
-            rows = int(db.execute("SELECT COUNT(*) FROM metrics WHERE client_id=?", (client,)).fetchone()[0])
+        packages, rows = self.state.client_storage(client)
         partial = 0
         for meta_file in sorted((self.partials.root / client).glob("*.json")):
             held = self.partials.held(client, meta_file.stem) if meta_file.stem != except_upload else None
@@ -573,14 +567,8 @@ class FclService:
 
     def _check_metric_quota(self, client: str, task_index: int, values: dict[str, float]) -> None:
         """Refuse a report whose new rows would pass --max-metric-rows or the storage quota."""
-        with self.state.tx() as db:  # a row is (client, task_index, name): a repeated report replaces it
-            rows = int(db.execute("SELECT COUNT(*) FROM metrics WHERE client_id=?", (client,)).fetchone()[0])
-            stored = {
-                str(r[0])
-                for r in db.execute(
-                    "SELECT name FROM metrics WHERE client_id=? AND task_index=?", (client, task_index)
-                )
-            }
+        # a row is (client, task_index, name): a repeated report replaces it
+        rows, stored = self.state.metric_rows(client, task_index)
         new_rows = len(values.keys() - stored)
         if not new_rows:
             return

@@ -20,6 +20,13 @@ class ServeSettings(LayeredSettings):
     """Every option of `fcl-server serve`; the order here is the order of --help and the example file."""
 
     state_dir: Path = Field(description="database, blobs and caches live here", examples=["/var/lib/fcl"])
+    database: str | None = Field(
+        None,
+        description="database URL, e.g. postgresql+psycopg://USER:PASSWORD@HOST:5432/DB (default: SQLite "
+        "state.sqlite3 in state_dir); a PostgreSQL database is migrated by `fcl-server db upgrade`. "
+        "Prefer FCL_DATABASE to a file for a URL with a password",
+        examples=["postgresql+psycopg://fcl:PASSWORD@127.0.0.1:5432/fcl"],
+    )
     listen: str = Field("127.0.0.1:50051", description="HOST:PORT to bind (port 0 = any free)")
     fm: str = Field(DEFAULT_FM, description="FM name (packaged default) or a local model directory")
     public_corpus: Path | None = Field(

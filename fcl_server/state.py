@@ -1,9 +1,12 @@
-"""The server's durable state in one SQLite database (WAL): tokens, clients, labels, uploads, jobs, heads."""
+"""The server's durable state: tokens, clients, labels, uploads, jobs, heads, metrics (SQLAlchemy Core).
+
+One SQLite file in the state dir by default (WAL), or PostgreSQL (`--database postgresql+psycopg://...`);
+the tables are fcl_server.schema, their migrations fcl_server/migrations (see fcl_server.database).
+"""
 
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -11,38 +14,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tokens (
-  token_hash TEXT PRIMARY KEY, principal TEXT NOT NULL, is_admin INTEGER NOT NULL,
-  created REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS clients (
-  client_id TEXT PRIMARY KEY, created REAL NOT NULL, last_seen REAL NOT NULL DEFAULT 0,
-  fm_digest TEXT NOT NULL DEFAULT '', model_spec TEXT NOT NULL DEFAULT '');
-CREATE TABLE IF NOT EXISTS labels (name TEXT PRIMARY KEY, id INTEGER UNIQUE NOT NULL);
-CREATE TABLE IF NOT EXISTS uploads (
-  upload_id TEXT NOT NULL, client_id TEXT NOT NULL, task_key TEXT NOT NULL, task_index INTEGER NOT NULL,
-  size INTEGER NOT NULL, sha256 TEXT NOT NULL, received REAL NOT NULL, job_id INTEGER NOT NULL,
-  PRIMARY KEY (client_id, upload_id));
-CREATE TABLE IF NOT EXISTS jobs (
-  job_id INTEGER PRIMARY KEY AUTOINCREMENT, client_id TEXT NOT NULL, upload_id TEXT NOT NULL,
-  task_key TEXT NOT NULL, task_index INTEGER NOT NULL, blob TEXT NOT NULL, state TEXT NOT NULL,
-  message TEXT NOT NULL DEFAULT '', created REAL NOT NULL, started REAL NOT NULL DEFAULT 0,
-  finished REAL NOT NULL DEFAULT 0, global_version INTEGER NOT NULL DEFAULT 0,
-  personal_version INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, job_id);
-CREATE TABLE IF NOT EXISTS heads (
-  scope TEXT NOT NULL, client_id TEXT NOT NULL, version INTEGER NOT NULL, blob TEXT NOT NULL,
-  job_id INTEGER NOT NULL, num_labels INTEGER NOT NULL, created REAL NOT NULL,
-  PRIMARY KEY (scope, client_id, version));
-CREATE TABLE IF NOT EXISTS metrics (
-  client_id TEXT NOT NULL, task_key TEXT NOT NULL, task_index INTEGER NOT NULL, name TEXT NOT NULL,
-  value REAL NOT NULL, reported REAL NOT NULL, PRIMARY KEY (client_id, task_index, name));
-CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS upload_reservations (
-  client_id TEXT NOT NULL, upload_id TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
-  reserved REAL NOT NULL, PRIMARY KEY (client_id, upload_id));
-"""
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from fcl_server import database
+from fcl_server.schema import clients, heads, jobs, kv, labels, metrics, tokens, upload_reservations, uploads
 
 GLOBAL = "global"
 PERSONAL = "personal"
@@ -99,81 +77,168 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class State:
-    """Thread-safe access to the database; each method is one transaction."""
+class StateClosed(RuntimeError):
+    """The State was closed (the server is shutting down)."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._conn.row_factory = sqlite3.Row
+
+class Record:
+    """A row read back, by column name (`row["size"]`) or position; iterating gives the values.
+
+    It reads like the sqlite3.Row of 0.1.0: `dict(row)` maps names to values, `tuple(row)` is the values.
+    """
+
+    __slots__ = ("_keys", "_values")
+
+    def __init__(self, keys: tuple[str, ...], values: tuple[Any, ...]) -> None:
+        self._keys = keys
+        self._values = values
+
+    @classmethod
+    def of(cls, row: sa.Row[Any]) -> Record:
+        return cls(tuple(row._fields), tuple(row))
+
+    def __getitem__(self, key: str | int) -> Any:
+        if isinstance(key, str):
+            try:
+                return self._values[self._keys.index(key)]
+            except ValueError:
+                raise IndexError(f"no column {key!r} (columns: {', '.join(self._keys)})") from None
+        return self._values[key]
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Record):
+            return (self._keys, self._values) == (other._keys, other._values)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values)
+
+    def __repr__(self) -> str:
+        fields = zip(self._keys, self._values, strict=True)
+        return "Record(" + ", ".join(f"{k}={v!r}" for k, v in fields) + ")"
+
+
+class State:
+    """Thread-safe access to the database; each method is one transaction.
+
+    `State(path)` is the SQLite file at `path`; `State("postgresql+psycopg://...")` a database URL.
+
+    Schema upgrades on open: an SQLite database is brought to the head revision automatically (it is
+    the embedded single-node default: `make demo`, the tests and a 0.1.0 state dir just work, and only
+    this server uses the file). Any other database is only checked, and refused with the command to
+    run (`fcl-server db upgrade`) when it is behind: a shared PostgreSQL is the operator's to migrate
+    (after a backup, once, while no older server still uses it), not whichever server starts first.
+    `upgrade=True` or `False` overrides that default.
+
+    Writes are serialized by one lock (as 0.1.0's single connection was): a write reads and writes in
+    one transaction (on SQLite BEGIN IMMEDIATE), so its checks hold when it commits. Reads take a pooled
+    connection each and run alongside writes (WAL on SQLite; MVCC on PostgreSQL).
+    """
+
+    def __init__(self, path: Path | str, *, upgrade: bool | None = None) -> None:
+        url = path if isinstance(path, str) and "://" in path else database.sqlite_url(Path(path))
+        self.url = database.mask(url)
+        self._engine: sa.Engine | None = database.create_engine(url)
         self._lock = threading.RLock()
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(SCHEMA)
+        try:
+            auto = self._engine.dialect.name == "sqlite" if upgrade is None else upgrade
+            database.ensure_current(self._engine, auto)
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    @property
+    def engine(self) -> sa.Engine:
+        if self._engine is None:
+            raise StateClosed("the state database is closed")
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
 
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+    def tx(self) -> Iterator[sa.Connection]:
+        """One write transaction (SQLAlchemy Core statements on its connection), committed at the end."""
+        with self._lock, database.write_transaction(self.engine) as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
 
     # -- tokens and clients -------------------------------------------------------------------
     def add_token(self, token: str, principal: str, is_admin: bool) -> None:
         with self.tx() as db:
             db.execute(
-                "INSERT INTO tokens(token_hash, principal, is_admin, created) VALUES (?,?,?,?)",
-                (hash_token(token), principal, int(is_admin), time.time()),
+                tokens.insert().values(
+                    token_hash=hash_token(token),
+                    principal=principal,
+                    is_admin=int(is_admin),
+                    created=time.time(),
+                )
             )
 
     def revoke_tokens(self, principal: str) -> int:
         with self.tx() as db:
-            return db.execute(
-                "UPDATE tokens SET revoked=1 WHERE principal=? AND revoked=0", (principal,)
-            ).rowcount
+            query = tokens.update().where(tokens.c.principal == principal, tokens.c.revoked == 0)
+            return db.execute(query.values(revoked=1)).rowcount
 
     def principal_for(self, token: str) -> Principal | None:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT principal, is_admin FROM tokens WHERE token_hash=? AND revoked=0",
-                (hash_token(token),),
-            ).fetchone()
-        return Principal(row["principal"], bool(row["is_admin"])) if row else None
+        query = sa.select(tokens.c.principal, tokens.c.is_admin).where(
+            tokens.c.token_hash == hash_token(token), tokens.c.revoked == 0
+        )
+        with self._read() as db:
+            row = db.execute(query).first()
+        return Principal(row.principal, bool(row.is_admin)) if row else None
 
     def touch_client(
         self, client_id: str, fm_digest: str | None = None, model_spec: str | None = None
     ) -> None:
         now = time.time()
+        seen: dict[str, Any] = {"last_seen": now}
+        if fm_digest is not None:
+            seen["fm_digest"] = fm_digest
+        if model_spec is not None:
+            seen["model_spec"] = model_spec
         with self.tx() as db:
-            db.execute("INSERT OR IGNORE INTO clients(client_id, created) VALUES (?,?)", (client_id, now))
-            db.execute("UPDATE clients SET last_seen=? WHERE client_id=?", (now, client_id))
-            if fm_digest is not None:
-                db.execute("UPDATE clients SET fm_digest=? WHERE client_id=?", (fm_digest, client_id))
-            if model_spec is not None:
-                db.execute("UPDATE clients SET model_spec=? WHERE client_id=?", (model_spec, client_id))
+            _insert_ignore(db, clients, {"client_id": client_id, "created": now})
+            db.execute(clients.update().where(clients.c.client_id == client_id).values(seen))
 
-    def clients(self) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn.execute(
-                "SELECT c.client_id, c.last_seen,"
-                " (SELECT COUNT(*) FROM uploads u WHERE u.client_id=c.client_id)"
-                " AS uploads FROM clients c ORDER BY c.client_id"
-            ).fetchall()
+    def clients(self) -> list[Record]:
+        """(client_id, last_seen, uploads) of every client, by client id."""
+        count = (
+            sa.select(sa.func.count())
+            .select_from(uploads)
+            .where(uploads.c.client_id == clients.c.client_id)
+            .scalar_subquery()
+        )
+        query = sa.select(clients.c.client_id, clients.c.last_seen, count.label("uploads"))
+        with self._read() as db:
+            return [Record.of(r) for r in db.execute(query.order_by(clients.c.client_id))]
 
     # -- uploads and jobs ---------------------------------------------------------------------
-    def find_upload(self, client_id: str, upload_id: str) -> sqlite3.Row | None:
-        with self._lock:
-            return self._conn.execute(
-                "SELECT * FROM uploads WHERE client_id=? AND upload_id=?", (client_id, upload_id)
-            ).fetchone()
+    def find_upload(self, client_id: str, upload_id: str) -> Record | None:
+        query = sa.select(uploads).where(uploads.c.client_id == client_id, uploads.c.upload_id == upload_id)
+        with self._read() as db:
+            row = db.execute(query).first()
+        return Record.of(row) if row else None
 
     def reserve_upload(
         self, client_id: str, upload_id: str, size: int, sha256: str, stale_before: float
@@ -183,30 +248,37 @@ class State:
         Returns the (size, sha256) the id is bound to when those are other bytes; else whether this
         call made the binding (False: it renewed one for the same bytes).
         A binding not renewed since `stale_before` (an abandoned upload) gives way; those of the
-        client are dropped here, so abandoned ids do not pile up.
+        client are dropped here, so abandoned ids do not pile up. The id of an accepted upload is
+        bound by its uploads row, checked in the same transaction: a stream whose header raced the
+        acceptance cannot bind it to other bytes.
         """
+        r = upload_reservations.c
         with self.tx() as db:
             db.execute(
-                "DELETE FROM upload_reservations WHERE client_id=? AND reserved<?", (client_id, stale_before)
+                upload_reservations.delete().where(r.client_id == client_id, r.reserved < stale_before)
             )
+            accepted = db.execute(
+                sa.select(uploads.c.size, uploads.c.sha256).where(
+                    uploads.c.client_id == client_id, uploads.c.upload_id == upload_id
+                )
+            ).first()
+            if accepted is not None:  # accepted since the caller looked: its uploads row binds the id
+                bound = int(accepted.size), str(accepted.sha256)
+                return bound if bound != (size, sha256) else False
             row = db.execute(
-                "SELECT size, sha256 FROM upload_reservations WHERE client_id=? AND upload_id=?",
-                (client_id, upload_id),
-            ).fetchone()
-            if row is not None and (int(row["size"]), str(row["sha256"])) != (size, sha256):
-                return int(row["size"]), str(row["sha256"])
-            db.execute(
-                "INSERT OR REPLACE INTO upload_reservations VALUES (?,?,?,?,?)",
-                (client_id, upload_id, size, sha256, time.time()),
-            )
+                sa.select(r.size, r.sha256).where(r.client_id == client_id, r.upload_id == upload_id)
+            ).first()
+            if row is not None and (int(row.size), str(row.sha256)) != (size, sha256):
+                return int(row.size), str(row.sha256)
+            values = {"client_id": client_id, "upload_id": upload_id, "size": size, "sha256": sha256}
+            _upsert(db, upload_reservations, {**values, "reserved": time.time()})
             return row is None
 
     def release_upload_id(self, client_id: str, upload_id: str) -> None:
         """Drop an unfinished upload's binding (nothing of it is held, so nothing can resume)."""
+        r = upload_reservations.c
         with self.tx() as db:
-            db.execute(
-                "DELETE FROM upload_reservations WHERE client_id=? AND upload_id=?", (client_id, upload_id)
-            )
+            db.execute(upload_reservations.delete().where(r.client_id == client_id, r.upload_id == upload_id))
 
     def add_upload_and_job(
         self, client_id: str, upload_id: str, task_key: str, task_index: int, size: int, sha256: str
@@ -217,91 +289,147 @@ class State:
         ends here: from now on the uploads row binds it.
         """
         now = time.time()
+        r = upload_reservations.c
         with self.tx() as db:
-            db.execute(
-                "DELETE FROM upload_reservations WHERE client_id=? AND upload_id=?", (client_id, upload_id)
+            db.execute(upload_reservations.delete().where(r.client_id == client_id, r.upload_id == upload_id))
+            _insert_ignore(db, clients, {"client_id": client_id, "created": now})
+            db.execute(clients.update().where(clients.c.client_id == client_id).values(last_seen=now))
+            known = db.execute(
+                sa.select(uploads.c.job_id).where(
+                    uploads.c.client_id == client_id, uploads.c.upload_id == upload_id
+                )
+            ).scalar()
+            if known is not None:
+                return int(known), True
+            inserted = db.execute(
+                jobs.insert().values(
+                    client_id=client_id,
+                    upload_id=upload_id,
+                    task_key=task_key,
+                    task_index=task_index,
+                    blob=sha256,
+                    state=JobState.QUEUED.value,
+                    created=now,
+                )
             )
-            db.execute("INSERT OR IGNORE INTO clients(client_id, created) VALUES (?,?)", (client_id, now))
-            db.execute("UPDATE clients SET last_seen=? WHERE client_id=?", (now, client_id))
-            row = db.execute(
-                "SELECT job_id FROM uploads WHERE client_id=? AND upload_id=?", (client_id, upload_id)
-            ).fetchone()
-            if row:
-                return int(row["job_id"]), True
-            cur = db.execute(
-                "INSERT INTO jobs(client_id, upload_id, task_key, task_index, blob, state, created)"
-                " VALUES (?,?,?,?,?,?,?)",
-                (client_id, upload_id, task_key, task_index, sha256, JobState.QUEUED.value, now),
-            )
-            job_id = int(cur.lastrowid or 0)
+            key = inserted.inserted_primary_key  # by RETURNING (PostgreSQL) or lastrowid (SQLite)
+            assert key is not None
+            job_id = int(key[0])
             db.execute(
-                "INSERT INTO uploads VALUES (?,?,?,?,?,?,?,?)",
-                (upload_id, client_id, task_key, task_index, size, sha256, now, job_id),
+                uploads.insert().values(
+                    upload_id=upload_id,
+                    client_id=client_id,
+                    task_key=task_key,
+                    task_index=task_index,
+                    size=size,
+                    sha256=sha256,
+                    received=now,
+                    job_id=job_id,
+                )
             )
             return job_id, False
 
+    def client_storage(self, client_id: str) -> tuple[int, int]:
+        """(bytes of the client's accepted packages, its metric rows), read in one transaction."""
+        with self._read() as db:
+            packages = db.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(uploads.c.size), 0)).where(
+                    uploads.c.client_id == client_id
+                )
+            ).scalar_one()
+            rows = db.execute(
+                sa.select(sa.func.count()).select_from(metrics).where(metrics.c.client_id == client_id)
+            ).scalar_one()
+        return int(packages), int(rows)
+
+    def metric_rows(self, client_id: str, task_index: int) -> tuple[int, set[str]]:
+        """(metric rows the client stores, names stored for its task `task_index`), in one transaction."""
+        m = metrics.c
+        with self._read() as db:
+            rows = db.execute(
+                sa.select(sa.func.count()).select_from(metrics).where(m.client_id == client_id)
+            ).scalar_one()
+            names = db.execute(
+                sa.select(m.name).where(m.client_id == client_id, m.task_index == task_index)
+            ).scalars()
+            return int(rows), {str(n) for n in names}
+
     def job(self, job_id: int) -> Job | None:
-        with self._lock:
-            row = self._conn.execute("SELECT * FROM jobs WHERE job_id=?", (job_id,)).fetchone()
-        return _job(row) if row else None
+        with self._read() as db:
+            row = db.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).first()
+        return _job(row._mapping) if row else None
 
     def jobs(self, limit: int = 100) -> list[Job]:
-        with self._lock:
-            rows = self._conn.execute("SELECT * FROM jobs ORDER BY job_id DESC LIMIT ?", (limit,)).fetchall()
-        return [_job(r) for r in rows]
+        with self._read() as db:
+            rows = db.execute(sa.select(jobs).order_by(jobs.c.job_id.desc()).limit(limit)).all()
+        return [_job(r._mapping) for r in rows]
 
     def queue_position(self, job_id: int) -> int:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT COUNT(*) AS n FROM jobs WHERE state IN ('queued','running') AND job_id < ?", (job_id,)
-            ).fetchone()
-        return int(row["n"])
+        query = (
+            sa.select(sa.func.count())
+            .select_from(jobs)
+            .where(jobs.c.state.in_([JobState.QUEUED.value, JobState.RUNNING.value]), jobs.c.job_id < job_id)
+        )
+        with self._read() as db:
+            return int(db.execute(query).scalar_one())
 
     def queue_depth(self) -> int:
-        with self._lock:
-            return int(self._conn.execute("SELECT COUNT(*) FROM jobs WHERE state='queued'").fetchone()[0])
+        query = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.state == JobState.QUEUED.value)
+        with self._read() as db:
+            return int(db.execute(query).scalar_one())
 
     def claim_next_job(self) -> Job | None:
         """Oldest queued job, now running; a client's older queued jobs are superseded by its newest."""
         now = time.time()
+        j = jobs.c
+        queued = j.state == JobState.QUEUED.value
         with self.tx() as db:
             while True:
-                row = db.execute("SELECT * FROM jobs WHERE state='queued' ORDER BY job_id LIMIT 1").fetchone()
+                row = db.execute(sa.select(jobs).where(queued).order_by(j.job_id).limit(1)).first()
                 if row is None:
                     return None
                 newer = db.execute(
-                    "SELECT MAX(job_id) FROM jobs WHERE state='queued' AND client_id=? AND job_id>?",
-                    (row["client_id"], row["job_id"]),
-                ).fetchone()[0]
+                    sa.select(sa.func.max(j.job_id)).where(
+                        queued, j.client_id == row.client_id, j.job_id > row.job_id
+                    )
+                ).scalar()
                 if newer is None:
                     break
                 db.execute(
-                    "UPDATE jobs SET state='superseded', message=?, finished=? WHERE job_id=?",
-                    (f"superseded by job {newer} of the same client", now, row["job_id"]),
+                    jobs.update()
+                    .where(j.job_id == row.job_id)
+                    .values(
+                        state=JobState.SUPERSEDED.value,
+                        message=f"superseded by job {newer} of the same client",
+                        finished=now,
+                    )
                 )
             db.execute(
-                "UPDATE jobs SET state='running', started=?, attempts=attempts+1 WHERE job_id=?",
-                (now, row["job_id"]),
+                jobs.update()
+                .where(j.job_id == row.job_id)
+                .values(state=JobState.RUNNING.value, started=now, attempts=j.attempts + 1)
             )
-            return _job(db.execute("SELECT * FROM jobs WHERE job_id=?", (row["job_id"],)).fetchone())
+            claimed = db.execute(sa.select(jobs).where(j.job_id == row.job_id)).one()
+            return _job(claimed._mapping)
 
     def requeue_running(self) -> int:
         """After a crash: jobs left running go back to the queue (they were never half-applied)."""
         with self.tx() as db:
-            return db.execute("UPDATE jobs SET state='queued', started=0 WHERE state='running'").rowcount
+            query = jobs.update().where(jobs.c.state == JobState.RUNNING.value)
+            return db.execute(query.values(state=JobState.QUEUED.value, started=0)).rowcount
 
     def requeue_job(self, job_id: int) -> None:
         """Put a job that was interrupted (not failed) back at its place in the queue."""
         with self.tx() as db:
-            db.execute(
-                "UPDATE jobs SET state='queued', started=0 WHERE job_id=? AND state='running'", (job_id,)
-            )
+            query = jobs.update().where(jobs.c.job_id == job_id, jobs.c.state == JobState.RUNNING.value)
+            db.execute(query.values(state=JobState.QUEUED.value, started=0))
 
     def fail_job(self, job_id: int, message: str) -> None:
         with self.tx() as db:
             db.execute(
-                "UPDATE jobs SET state='failed', message=?, finished=? WHERE job_id=?",
-                (message[:2000], time.time(), job_id),
+                jobs.update()
+                .where(jobs.c.job_id == job_id)
+                .values(state=JobState.FAILED.value, message=message[:2000], finished=time.time())
             )
 
     def complete_job(
@@ -318,104 +446,145 @@ class State:
         with self.tx() as db:
             gv = _next_version(db, GLOBAL, "")
             pv = _next_version(db, PERSONAL, job.client_id)
-            db.execute(
-                "INSERT INTO heads VALUES (?,?,?,?,?,?,?)",
-                (GLOBAL, "", gv, global_blob, job.job_id, num_labels, now),
-            )
-            db.execute(
-                "INSERT INTO heads VALUES (?,?,?,?,?,?,?)",
-                (PERSONAL, job.client_id, pv, personal_blob, job.job_id, num_labels, now),
-            )
-            next_id = int(db.execute("SELECT COALESCE(MAX(id), -1) + 1 FROM labels").fetchone()[0])
+            for scope, client_id, version, blob in (
+                (GLOBAL, "", gv, global_blob),
+                (PERSONAL, job.client_id, pv, personal_blob),
+            ):
+                db.execute(
+                    heads.insert().values(
+                        scope=scope,
+                        client_id=client_id,
+                        version=version,
+                        blob=blob,
+                        job_id=job.job_id,
+                        num_labels=num_labels,
+                        created=now,
+                    )
+                )
+            top = db.execute(sa.select(sa.func.max(labels.c.id))).scalar()
+            next_id = 0 if top is None else int(top) + 1
             for name in new_labels:
-                if db.execute("INSERT OR IGNORE INTO labels VALUES (?,?)", (name, next_id)).rowcount:
+                if _insert_ignore(db, labels, {"name": name, "id": next_id}):
                     next_id += 1
             if bank_blob is not None:
-                db.execute("INSERT OR REPLACE INTO kv VALUES ('stats_bank', ?)", (bank_blob,))
+                _upsert(db, kv, {"key": "stats_bank", "value": bank_blob})
             db.execute(
-                "UPDATE jobs SET state='done', message='', finished=?, global_version=?, personal_version=?"
-                " WHERE job_id=?",
-                (now, gv, pv, job.job_id),
+                jobs.update()
+                .where(jobs.c.job_id == job.job_id)
+                .values(
+                    state=JobState.DONE.value,
+                    message="",
+                    finished=now,
+                    global_version=gv,
+                    personal_version=pv,
+                )
             )
             return gv, pv
 
     # -- heads, labels, metrics, kv -------------------------------------------------------------
     def head(self, scope: str, client_id: str, version: int = 0) -> HeadVersion | None:
-        with self._lock:
-            if version:
-                row = self._conn.execute(
-                    "SELECT * FROM heads WHERE scope=? AND client_id=? AND version=?",
-                    (scope, client_id, version),
-                ).fetchone()
-            else:
-                row = self._conn.execute(
-                    "SELECT * FROM heads WHERE scope=? AND client_id=? ORDER BY version DESC LIMIT 1",
-                    (scope, client_id),
-                ).fetchone()
-        return HeadVersion(**dict(row)) if row else None
+        query = sa.select(heads).where(heads.c.scope == scope, heads.c.client_id == client_id)
+        if version:
+            query = query.where(heads.c.version == version)
+        else:
+            query = query.order_by(heads.c.version.desc()).limit(1)
+        with self._read() as db:
+            row = db.execute(query).first()
+        return HeadVersion(**row._mapping) if row else None
 
     def label_count(self) -> int:
-        with self._lock:
-            return int(self._conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0])
+        with self._read() as db:
+            return int(db.execute(sa.select(sa.func.count()).select_from(labels)).scalar_one())
 
     def client_count(self) -> int:
-        with self._lock:
-            return int(self._conn.execute("SELECT COUNT(*) FROM clients").fetchone()[0])
+        with self._read() as db:
+            return int(db.execute(sa.select(sa.func.count()).select_from(clients)).scalar_one())
 
     def head_summary(self) -> dict[str, tuple[int, int]]:
         """Per scope: (head versions published, highest version number) — for the metrics endpoint."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT scope, COUNT(*), MAX(version) FROM heads GROUP BY scope"
-            ).fetchall()
-        return {row[0]: (int(row[1]), int(row[2])) for row in rows}
+        query = sa.select(heads.c.scope, sa.func.count(), sa.func.max(heads.c.version))
+        query = query.group_by(heads.c.scope)
+        with self._read() as db:
+            rows = db.execute(query).all()
+        return {str(row[0]): (int(row[1]), int(row[2])) for row in rows}
 
     def put_metrics(self, client_id: str, task_key: str, task_index: int, values: dict[str, float]) -> int:
         now = time.time()
         with self.tx() as db:
             for name, value in values.items():
-                db.execute(
-                    "INSERT OR REPLACE INTO metrics VALUES (?,?,?,?,?,?)",
-                    (client_id, task_key, task_index, name, value, now),
+                _upsert(
+                    db,
+                    metrics,
+                    {
+                        "client_id": client_id,
+                        "task_key": task_key,
+                        "task_index": task_index,
+                        "name": name,
+                        "value": value,
+                        "reported": now,
+                    },
                 )
         return len(values)
 
     def last_metrics(self, client_id: str) -> dict[str, float]:
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT name, value FROM metrics WHERE client_id=? AND task_index="
-                "(SELECT MAX(task_index) FROM metrics WHERE client_id=?)",
-                (client_id, client_id),
-            ).fetchall()
-        return {r["name"]: float(r["value"]) for r in rows}
+        m = metrics.c
+        last = sa.select(sa.func.max(m.task_index)).where(m.client_id == client_id).scalar_subquery()
+        query = sa.select(m.name, m.value).where(m.client_id == client_id, m.task_index == last)
+        with self._read() as db:
+            rows = db.execute(query).all()
+        return {str(r.name): float(r.value) for r in rows}
 
-    def metric_history(self, limit: int = 20_000) -> list[sqlite3.Row]:
+    def metric_history(self, limit: int = 20_000) -> list[Record]:
         """Every reported metric (client_id, task_key, task_index, name, value, reported), by client, task."""
-        with self._lock:
-            return self._conn.execute(
-                "SELECT client_id, task_key, task_index, name, value, reported FROM metrics"
-                " ORDER BY client_id, task_index, name LIMIT ?",
-                (limit,),
-            ).fetchall()
+        m = metrics.c
+        query = (
+            sa.select(m.client_id, m.task_key, m.task_index, m.name, m.value, m.reported)
+            .order_by(m.client_id, m.task_index, m.name)
+            .limit(limit)
+        )
+        with self._read() as db:
+            return [Record.of(r) for r in db.execute(query)]
 
     def get_kv(self, key: str) -> str | None:
-        with self._lock:
-            row = self._conn.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
-        return str(row["value"]) if row else None
+        with self._read() as db:
+            value = db.execute(sa.select(kv.c.value).where(kv.c.key == key)).scalar()
+        return None if value is None else str(value)
 
     def set_kv(self, key: str, value: str) -> None:
         with self.tx() as db:
-            db.execute("INSERT OR REPLACE INTO kv VALUES (?,?)", (key, value))
+            _upsert(db, kv, {"key": key, "value": value})
 
 
-def _next_version(db: sqlite3.Connection, scope: str, client_id: str) -> int:
-    row = db.execute(
-        "SELECT MAX(version) FROM heads WHERE scope=? AND client_id=?", (scope, client_id)
-    ).fetchone()
-    return int(row[0] or 0) + 1
+def _insert(db: sa.Connection, table: sa.Table) -> Any:
+    """INSERT with ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
+    if db.dialect.name == "sqlite":
+        return sqlite.insert(table)
+    if db.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    raise NotImplementedError(f"no upsert for {db.dialect.name}")
 
 
-def _job(row: sqlite3.Row) -> Job:
+def _insert_ignore(db: sa.Connection, table: sa.Table, values: dict[str, Any]) -> int:
+    """Insert the row unless its key (or another unique column) is taken; returns rows inserted (0 or 1)."""
+    return db.execute(_insert(db, table).values(values).on_conflict_do_nothing()).rowcount
+
+
+def _upsert(db: sa.Connection, table: sa.Table, values: dict[str, Any]) -> None:
+    """Insert the row, or replace the values of the row with its primary key."""
+    keys = [c.name for c in table.primary_key.columns]
+    stmt = _insert(db, table).values(values)
+    others = {name: stmt.excluded[name] for name in values if name not in keys}
+    db.execute(stmt.on_conflict_do_update(index_elements=keys, set_=others))
+
+
+def _next_version(db: sa.Connection, scope: str, client_id: str) -> int:
+    top = db.execute(
+        sa.select(sa.func.max(heads.c.version)).where(heads.c.scope == scope, heads.c.client_id == client_id)
+    ).scalar()
+    return int(top or 0) + 1
+
+
+def _job(row: sa.RowMapping) -> Job:
     return Job(
         job_id=int(row["job_id"]),
         client_id=row["client_id"],
@@ -425,9 +594,9 @@ def _job(row: sqlite3.Row) -> Job:
         blob=row["blob"],
         state=JobState(row["state"]),
         message=row["message"],
-        created=row["created"],
-        started=row["started"],
-        finished=row["finished"],
+        created=float(row["created"]),
+        started=float(row["started"]),
+        finished=float(row["finished"]),
         global_version=int(row["global_version"]),
         personal_version=int(row["personal_version"]),
     )

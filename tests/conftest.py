@@ -11,6 +11,7 @@ import torch
 from common.datasets import builtin
 from common.datasets.split import split_dataset, write_split
 from common.fm import FoundationModel
+from tests import pg
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +39,26 @@ def small_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("split")
     write_split(result, builtin.load_public()[:600], out)
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[pg.Cluster]:
+    """A PostgreSQL cluster of this test session (skipped where PostgreSQL is not installed)."""
+    bin_dir = pg.bindir()
+    if bin_dir is None:
+        pytest.skip(
+            "PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin); "
+            "`make test` installs it with apt where it can"
+        )
+    cluster = pg.Cluster(bin_dir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres: pg.Cluster) -> str:
+    """The URL of an empty database of its own, password included (postgresql+psycopg://...)."""
+    return postgres.new_database()

@@ -24,6 +24,7 @@ from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.stubs.fcl.v1 import fcl_pb2_grpc
 from common.zoo import SmallModel, parse_spec
 from fcl_server.app import RunningServer
+from fcl_server.schema import heads
 from fcl_server.service import ServerLimits
 from tests.servers import held_parts, inprocess_server, package_bytes
 
@@ -137,9 +138,8 @@ def seed(server: RunningServer, fm: FoundationModel, data: bytes) -> tuple[int, 
         job_id, _ = server.state.add_upload_and_job(client, "seed-1", "task-00", 0, len(data), blob)
         jobs.append(job_id)
         with server.state.tx() as db:
-            db.execute(
-                "INSERT INTO heads VALUES ('personal', ?, 1, ?, ?, ?, 0)", (client, head_blob, job_id, 2)
-            )
+            row = {"scope": "personal", "client_id": client, "version": 1, "blob": head_blob}
+            db.execute(heads.insert(), {**row, "job_id": job_id, "num_labels": 2, "created": 0})
     return jobs[0], jobs[1]
 
 

@@ -18,6 +18,7 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from sqlalchemy import select
 
 from common import wire_limits as wire
 from common.fm import FoundationModel
@@ -26,6 +27,7 @@ from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.stubs.fcl.v1 import fcl_pb2_grpc
 from fcl_server.app import RunningServer
 from fcl_server.errors import InvalidArgument
+from fcl_server.schema import clients
 from fcl_server.service import METRIC_ROW_BYTES, ServerLimits
 from fcl_server.state import Principal
 from tests.servers import inprocess_server, package_bytes
@@ -260,7 +262,7 @@ def test_values_at_their_bounds_are_accepted(env: Env) -> None:
     spec = "x" * wire.MODEL_SPEC_JSON_MAX_BYTES
     assert _register(env, client_id="alice", model_spec_json=spec)
     with env.server.state.tx() as db:  # stored whole: no silent truncation
-        assert db.execute("SELECT model_spec FROM clients WHERE client_id='alice'").fetchone()[0] == spec
+        assert db.execute(select(clients.c.model_spec).where(clients.c.client_id == "alice")).scalar() == spec
     top_key, top_name = "k" * wire.ID_MAX_CHARS, "n" * wire.METRIC_NAME_MAX_CHARS
     assert report(env, "bob", {top_name: 1.0}, wire.TASK_INDEX_MAX, top_key) == 1
     assert report(env, "bob", {f"m{i}": 1.0 for i in range(wire.MAX_METRICS)}, 1) == wire.MAX_METRICS
