@@ -138,13 +138,13 @@ def start_client(
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def issue_token(state: Path, name: str, admin: bool = False) -> str:
+def issue_token(state: Path | None, name: str, admin: bool = False, database: str | None = None) -> str:
     """Issue a token in process, as `enroll` does without starting a process (the server may run)."""
     from fcl_server.app import open_state
     from fcl_server.cli import new_token
 
     token = new_token()
-    db = open_state(state)
+    db = open_state(state, database)
     db.add_token(token, name, admin)
     db.close()
     return token

@@ -34,9 +34,9 @@ from fcl_server.interceptor import AdmissionInterceptor, ObservingInterceptor
 from fcl_server.metrics import ServerMetrics
 from fcl_server.service import FclService, ServerLimits
 from fcl_server.servicer import FclServicer
-from fcl_server.state import State
+from fcl_server.state import DEFAULT_LEASE_S, State
 from fcl_server.streams import StreamLimits
-from fcl_server.worker import DistillationWorker
+from fcl_server.worker import DistillationWorker, default_worker_id
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = fcl_pb2.DESCRIPTOR.services_by_name["FclService"].full_name
@@ -49,6 +49,15 @@ class ServerConfig(BaseModel):
     # repr=False: the URL may hold a password (fcl_server.database.mask shows it safely)
     database: str | None = Field(None, repr=False, description="database URL (default: SQLite in state_dir)")
     listen: str = "127.0.0.1:50051"
+    blob_dir: Path | None = Field(
+        None,
+        description="blobs and unfinished uploads live here; a shared filesystem lets several front-ends "
+        "and workers use one (default: state_dir)",
+    )
+    worker: bool = Field(True, description="run a distillation worker in this process (False: a front-end)")
+    lease_s: float = Field(
+        DEFAULT_LEASE_S, gt=1, description="a claimed job is the worker's this long after its last heartbeat"
+    )
     fm: str = DEFAULT_FM
     public_corpus: Path | None = Field(None, description="unlabeled text, one sentence per line")
     device: str = Field(default_factory=default_device)
@@ -238,10 +247,12 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
     config.check_transport()
     credentials = config.tls().server_credentials() if config.tls().enabled else None
     state_dir = config.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)  # caches live here even when the database is elsewhere
     state = open_state(state_dir, config.database)
-    blobs = BlobStore(state_dir / "blobs")
+    blobs = BlobStore((config.blob_dir or state_dir) / "blobs")
     dropped = blobs.clear_temp()
-    requeued = state.requeue_running()
+    worker_id = default_worker_id("serve")
+    requeued = state.requeue_running(worker_id) if config.worker else 0
     if dropped or requeued:
         log.info("recovery: dropped %d partial blobs, re-queued %d interrupted jobs", dropped, requeued)
     fm = fm or FoundationModel(config.fm, device=config.device)
@@ -268,6 +279,8 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
         nice=config.worker_nice,
         yield_to=service.uploads_in_flight,
         max_yield_s=config.worker_yield_s,
+        worker_id=worker_id,
+        lease_s=config.lease_s,
     )
     metrics.watch_state(state, lambda: worker.busy)
 
@@ -295,7 +308,8 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
         metrics.stop_http()
         state.close()
         raise
-    worker.start()
+    if config.worker:
+        worker.start()
     port = grpc_server.port
     log.info("fcl-server listening on %s (port %d), FM %s %s", config.listen, port, fm.name, fm.digest[:12])
     log.info("state database: %s", state.url)

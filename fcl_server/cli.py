@@ -1,4 +1,4 @@
-"""`fcl-server`: run the daemon (serve), manage tokens (enroll, revoke) and the database (db)."""
+"""`fcl-server`: run the daemon (serve) or a worker, manage tokens (enroll, revoke) and the database (db)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from common.logs import setup_logging
 from common.settings import add_settings_command, given_flags, load_settings
 from fcl_server.app import create_server, open_state
 from fcl_server.database import DatabaseError, create_engine, current, database_url, mask, upgrade
-from fcl_server.settings import ServeSettings
+from fcl_server.settings import ServeSettings, WorkerSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
         "run the server until SIGTERM/SIGINT",
         ServeSettings,
         "FCL_STATE_DIR",
+        "deploy/server.example.toml",
+    )
+
+    add_settings_command(
+        sub,
+        "worker",
+        "run a distillation worker (no gRPC) on a shared database and blob dir, until SIGTERM/SIGINT",
+        WorkerSettings,
+        "FCL_DATABASE",
         "deploy/server.example.toml",
     )
 
@@ -81,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "worker":
+            return worker(args)
         if args.command == "enroll":
             return enroll(args.state_dir, args.client_id, args.admin, args.database)
         if args.command == "revoke":
@@ -169,13 +180,30 @@ def serve(args: argparse.Namespace) -> int:
     if running.dashboard is not None:
         print(f"fcl-server dashboard on port {running.dashboard.port} (/)", flush=True)
     print(f"fcl-server serving on port {running.port}", flush=True)
+    _until_signalled()
+    logging.getLogger(__name__).info("shutting down: draining calls and the running job")
+    running.stop()
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    from fcl_server.worker_app import create_worker
+
+    settings = load_settings(WorkerSettings, given_flags(args, WorkerSettings), args.config)
+    setup_logging(settings.log_level, settings.log_format)
+    running = create_worker(settings.server_config(), settings.worker_id)
+    print(f"fcl-server worker {running.worker.worker_id} running", flush=True)
+    _until_signalled()
+    logging.getLogger(__name__).info("shutting down: the running job goes back to the queue")
+    running.stop()
+    return 0
+
+
+def _until_signalled() -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    logging.getLogger(__name__).info("shutting down: draining calls and the running job")
-    running.stop()
-    return 0
 
 
 if __name__ == "__main__":

@@ -80,6 +80,9 @@ jobs = sa.Table(
     sa.Column("global_version", INT, nullable=False, server_default=ZERO),
     sa.Column("personal_version", INT, nullable=False, server_default=ZERO),
     sa.Column("attempts", INT, nullable=False, server_default=ZERO),
+    # revision 0003: the worker running the job, and until when its claim holds without a heartbeat
+    sa.Column("worker", TEXT, nullable=False, server_default=EMPTY),
+    sa.Column("lease_until", REAL, nullable=False, server_default=ZERO),
     sa.Index("jobs_state", "state", "job_id"),
     sqlite_autoincrement=True,  # job ids never repeat, even after the newest job's row is gone
 )
@@ -118,4 +121,15 @@ upload_reservations = sa.Table(
     sa.Column("size", BIGINT, nullable=False),
     sa.Column("sha256", TEXT, nullable=False),
     sa.Column("reserved", REAL, nullable=False),
+)
+# revision 0003: every distillation worker process, its heartbeat and the job it runs
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("worker_id", TEXT, primary_key=True),
+    sa.Column("host", TEXT, nullable=False),
+    sa.Column("pid", INT, nullable=False),
+    sa.Column("started", REAL, nullable=False),
+    sa.Column("heartbeat", REAL, nullable=False),
+    sa.Column("job_id", BIGINT, nullable=False, server_default=ZERO),
 )

@@ -16,8 +16,8 @@ from fcl_server.app import ServerConfig
 _SERVER = ServerConfig.model_fields
 
 
-class ServeSettings(LayeredSettings):
-    """Every option of `fcl-server serve`; the order here is the order of --help and the example file."""
+class ProcessSettings(LayeredSettings):
+    """The options `fcl-server serve` and `fcl-server worker` share: where state is, the FM, the worker."""
 
     state_dir: Path = Field(description="database, blobs and caches live here", examples=["/var/lib/fcl"])
     database: str | None = Field(
@@ -27,7 +27,9 @@ class ServeSettings(LayeredSettings):
         "Prefer FCL_DATABASE to a file for a URL with a password",
         examples=["postgresql+psycopg://fcl:PASSWORD@127.0.0.1:5432/fcl"],
     )
-    listen: str = Field("127.0.0.1:50051", description="HOST:PORT to bind (port 0 = any free)")
+    blob_dir: Path | None = Field(
+        None, description=_SERVER["blob_dir"].description, examples=["/mnt/fcl-shared"]
+    )
     fm: str = Field(DEFAULT_FM, description="FM name (packaged default) or a local model directory")
     public_corpus: Path | None = Field(
         None,
@@ -40,6 +42,53 @@ class ServeSettings(LayeredSettings):
     head_spec: str = Field(
         OBODConfig.model_fields["head_spec"].default,
         description="zoo spec of the FM heads, e.g. mlp:768:gelu",
+    )
+    worker_nice: int = Field(
+        _SERVER["worker_nice"].default,
+        ge=0,
+        le=19,
+        description="niceness added to the distillation worker thread, so bursts of uploads get the CPU "
+        "first (0: same priority as RPCs; Linux)",
+    )
+    lease_s: float = Field(_SERVER["lease_s"].default, gt=1, description=_SERVER["lease_s"].description)
+    log_level: str = Field("INFO", description=", ".join(LOG_LEVELS))
+    log_format: LogFormat = Field("text", description="text (for people) or json (one object per line)")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        return log_level(value)
+
+    def server_config(self) -> ServerConfig:
+        # unset options (None) fall back to ServerConfig's defaults, e.g. device = cuda when available
+        fields = self.model_dump(exclude=self._not_server_config(), exclude_none=True)
+        return ServerConfig(obod=OBODConfig(head_spec=self.head_spec), **fields)
+
+    @classmethod
+    def _not_server_config(cls) -> set[str]:
+        return {"head_spec", "log_level", "log_format"}
+
+
+class WorkerSettings(ProcessSettings):
+    """Every option of `fcl-server worker`: a distillation worker process, no gRPC."""
+
+    worker_id: str | None = Field(
+        None,
+        description="this worker's name in the database (default: worker@HOST:PID)",
+        examples=["worker-0"],
+    )
+
+    @classmethod
+    def _not_server_config(cls) -> set[str]:
+        return super()._not_server_config() | {"worker_id"}
+
+
+class ServeSettings(ProcessSettings):
+    """Every option of `fcl-server serve`; the order here is the order of --help and the example file."""
+
+    listen: str = Field("127.0.0.1:50051", description="HOST:PORT to bind (port 0 = any free)")
+    worker: bool = Field(
+        True, description="run a distillation worker in this process (--no-worker: a gRPC front-end only)"
     )
     port_file: Path | None = Field(
         None, description="write the bound port here once serving", examples=["/run/fcl/port"]
@@ -92,21 +141,12 @@ class ServeSettings(LayeredSettings):
         ge=1,
         description=f"{_SERVER['max_anonymous_streams'].description}; more are refused (RESOURCE_EXHAUSTED)",
     )
-    worker_nice: int = Field(
-        _SERVER["worker_nice"].default,
-        ge=0,
-        le=19,
-        description="niceness added to the distillation worker thread, so bursts of uploads get the CPU "
-        "first (0: same priority as RPCs; Linux)",
-    )
     worker_yield_s: float = Field(
         _SERVER["worker_yield_s"].default,
         ge=0,
         description="a distillation job pauses while uploads are in flight, for at most this many seconds "
         "in all (0: never pauses)",
     )
-    log_level: str = Field("INFO", description=", ".join(LOG_LEVELS))
-    log_format: LogFormat = Field("text", description="text (for people) or json (one object per line)")
     client_quota_mb: int = Field(
         _SERVER["client_quota_mb"].default,
         ge=0,
@@ -125,14 +165,6 @@ class ServeSettings(LayeredSettings):
     def _address(cls, value: str | None) -> str | None:
         return None if value is None else host_port(value)
 
-    @field_validator("log_level")
     @classmethod
-    def _level(cls, value: str) -> str:
-        return log_level(value)
-
-    def server_config(self) -> ServerConfig:
-        # unset options (None) fall back to ServerConfig's defaults, e.g. device = cuda when available
-        fields = self.model_dump(
-            exclude={"head_spec", "port_file", "log_level", "log_format"}, exclude_none=True
-        )
-        return ServerConfig(obod=OBODConfig(head_spec=self.head_spec), **fields)
+    def _not_server_config(cls) -> set[str]:
+        return super()._not_server_config() | {"port_file"}

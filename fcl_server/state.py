@@ -20,10 +20,27 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from fcl_server import database
-from fcl_server.schema import clients, heads, jobs, kv, labels, metrics, tokens, upload_reservations, uploads
+from fcl_server.schema import (
+    clients,
+    heads,
+    jobs,
+    kv,
+    labels,
+    metrics,
+    tokens,
+    upload_reservations,
+    uploads,
+    workers,
+)
 
 GLOBAL = "global"
 PERSONAL = "personal"
+DEFAULT_LEASE_S = 30.0  # a claimed job is its worker's this long after its last heartbeat
+CLAIM_LOCK = 0x6663_6C01  # PostgreSQL advisory lock key that serialises job claims ("fcl" 1)
+
+
+class LeaseLost(RuntimeError):
+    """The job was taken back (its lease ran out) or G moved on: the worker must drop its result."""
 
 
 class JobState(StrEnum):
@@ -59,6 +76,8 @@ class Job:
     finished: float
     global_version: int
     personal_version: int
+    worker: str = ""  # the worker that runs (or last ran) it
+    attempts: int = 0  # times a worker claimed it
 
 
 @dataclass(frozen=True)
@@ -378,21 +397,41 @@ class State:
         with self._read() as db:
             return int(db.execute(query).scalar_one())
 
-    def claim_next_job(self) -> Job | None:
-        """Oldest queued job, now running; a client's older queued jobs are superseded by its newest."""
+    def claim_next_job(self, worker: str = "", lease_s: float = DEFAULT_LEASE_S) -> Job | None:
+        """Oldest queued job, now running under `worker`'s lease; a client's older queued jobs are
+        superseded by its newest.
+
+        Jobs run one at a time across every worker, in job order (OBOD is one-by-one): while a job runs
+        under a live lease, nothing is claimed. A running job whose lease ran out (its worker died) is
+        claimed again. Claims are serialised by a transaction-scoped advisory lock on PostgreSQL (the
+        candidate row is also taken FOR UPDATE SKIP LOCKED) and by BEGIN IMMEDIATE on SQLite.
+        """
         now = time.time()
         j = jobs.c
         queued = j.state == JobState.QUEUED.value
         with self.tx() as db:
+            if db.dialect.name == "postgresql":
+                db.execute(sa.select(sa.func.pg_advisory_xact_lock(CLAIM_LOCK)))
+            live = db.execute(
+                sa.select(j.job_id).where(j.state == JobState.RUNNING.value, j.lease_until >= now).limit(1)
+            ).first()
+            if live is not None:
+                return None
+            expired = sa.and_(j.state == JobState.RUNNING.value, j.lease_until < now)
             while True:
-                row = db.execute(sa.select(jobs).where(queued).order_by(j.job_id).limit(1)).first()
+                pick = sa.select(jobs).where(sa.or_(queued, expired)).order_by(j.job_id).limit(1)
+                if db.dialect.name == "postgresql":
+                    pick = pick.with_for_update(skip_locked=True)
+                row = db.execute(pick).first()
                 if row is None:
                     return None
-                newer = db.execute(
-                    sa.select(sa.func.max(j.job_id)).where(
-                        queued, j.client_id == row.client_id, j.job_id > row.job_id
-                    )
-                ).scalar()
+                newer = None
+                if row.state == JobState.QUEUED.value:
+                    newer = db.execute(
+                        sa.select(sa.func.max(j.job_id)).where(
+                            queued, j.client_id == row.client_id, j.job_id > row.job_id
+                        )
+                    ).scalar()
                 if newer is None:
                     break
                 db.execute(
@@ -407,28 +446,88 @@ class State:
             db.execute(
                 jobs.update()
                 .where(j.job_id == row.job_id)
-                .values(state=JobState.RUNNING.value, started=now, attempts=j.attempts + 1)
+                .values(
+                    state=JobState.RUNNING.value,
+                    started=now,
+                    attempts=j.attempts + 1,
+                    worker=worker,
+                    lease_until=now + lease_s,
+                )
             )
             claimed = db.execute(sa.select(jobs).where(j.job_id == row.job_id)).one()
             return _job(claimed._mapping)
 
-    def requeue_running(self) -> int:
-        """After a crash: jobs left running go back to the queue (they were never half-applied)."""
+    def renew_lease(self, job_id: int, worker: str, lease_s: float) -> bool:
+        """Extend `worker`'s lease on its running job; False when the job is no longer its own."""
+        j = jobs.c
         with self.tx() as db:
-            query = jobs.update().where(jobs.c.state == JobState.RUNNING.value)
-            return db.execute(query.values(state=JobState.QUEUED.value, started=0)).rowcount
+            done = db.execute(
+                jobs.update()
+                .where(j.job_id == job_id, j.state == JobState.RUNNING.value, j.worker == worker)
+                .values(lease_until=time.time() + lease_s)
+            ).rowcount
+        return bool(done)
 
-    def requeue_job(self, job_id: int) -> None:
+    def requeue_running(self, worker: str = "") -> int:
+        """After a crash: jobs left running by `worker` (this process, restarted) or under a lease that
+        ran out go back to the queue. They were never half-applied. Jobs that live workers run stay."""
+        j = jobs.c
+        mine = sa.or_(j.worker == worker, j.lease_until < time.time())
+        with self.tx() as db:
+            query = jobs.update().where(j.state == JobState.RUNNING.value, mine)
+            return db.execute(
+                query.values(state=JobState.QUEUED.value, started=0, worker="", lease_until=0)
+            ).rowcount
+
+    def requeue_job(self, job_id: int, worker: str = "") -> None:
         """Put a job that was interrupted (not failed) back at its place in the queue."""
+        j = jobs.c
         with self.tx() as db:
-            query = jobs.update().where(jobs.c.job_id == job_id, jobs.c.state == JobState.RUNNING.value)
-            db.execute(query.values(state=JobState.QUEUED.value, started=0))
+            query = jobs.update().where(
+                j.job_id == job_id, j.state == JobState.RUNNING.value, j.worker == worker
+            )
+            db.execute(query.values(state=JobState.QUEUED.value, started=0, worker="", lease_until=0))
 
-    def fail_job(self, job_id: int, message: str) -> None:
+    # -- workers ------------------------------------------------------------------------------------
+    def worker_heartbeat(self, worker: str, host: str, pid: int, job_id: int = 0) -> None:
+        """Record that `worker` is alive (and which job it runs): GetStatus, metrics and the dashboard."""
+        now = time.time()
+        with self.tx() as db:
+            known = db.execute(sa.select(workers.c.worker_id).where(workers.c.worker_id == worker)).first()
+            if known is None:
+                db.execute(
+                    workers.insert().values(
+                        worker_id=worker, host=host, pid=pid, started=now, heartbeat=now, job_id=job_id
+                    )
+                )
+            else:
+                db.execute(
+                    workers.update()
+                    .where(workers.c.worker_id == worker)
+                    .values(host=host, pid=pid, heartbeat=now, job_id=job_id)
+                )
+
+    def drop_worker(self, worker: str) -> None:
+        with self.tx() as db:
+            db.execute(workers.delete().where(workers.c.worker_id == worker))
+
+    def workers(self, seen_within_s: float = 3600.0) -> list[Record]:
+        """Workers heard from in the last `seen_within_s`, newest heartbeat first."""
+        with self._read() as db:
+            rows = db.execute(
+                sa.select(workers)
+                .where(workers.c.heartbeat >= time.time() - seen_within_s)
+                .order_by(workers.c.heartbeat.desc())
+            ).all()
+        return [Record.of(r) for r in rows]
+
+    def fail_job(self, job_id: int, message: str, worker: str = "") -> None:
+        """Record a job that failed, if it is still `worker`'s (one taken back stays with its new worker)."""
+        j = jobs.c
         with self.tx() as db:
             db.execute(
                 jobs.update()
-                .where(jobs.c.job_id == job_id)
+                .where(j.job_id == job_id, j.state == JobState.RUNNING.value, j.worker == worker)
                 .values(state=JobState.FAILED.value, message=message[:2000], finished=time.time())
             )
 
@@ -440,11 +539,26 @@ class State:
         num_labels: int,
         new_labels: list[str],
         bank_blob: str | None,
+        worker: str = "",
+        based_on: int | None = None,
     ) -> tuple[int, int]:
-        """Atomically publish the new heads, labels and statistics bank, and mark the job done."""
+        """Atomically publish the new heads, labels and statistics bank, and mark the job done.
+
+        Applied exactly once: the job must still be running under `worker`, and G must still be at
+        version `based_on` (the one the job started from), else LeaseLost and nothing is written.
+        """
         now = time.time()
         with self.tx() as db:
             gv = _next_version(db, GLOBAL, "")
+            owner = db.execute(
+                sa.select(jobs.c.state, jobs.c.worker).where(jobs.c.job_id == job.job_id)
+            ).one()
+            if owner.state != JobState.RUNNING.value or owner.worker != worker:
+                raise LeaseLost(
+                    f"job {job.job_id} is no longer this worker's ({owner.state}, {owner.worker!r})"
+                )
+            if based_on is not None and gv != based_on + 1:
+                raise LeaseLost(f"job {job.job_id} started from G v{based_on}, but G is at v{gv - 1} now")
             pv = _next_version(db, PERSONAL, job.client_id)
             for scope, client_id, version, blob in (
                 (GLOBAL, "", gv, global_blob),
@@ -599,4 +713,6 @@ def _job(row: sa.RowMapping) -> Job:
         finished=float(row["finished"]),
         global_version=int(row["global_version"]),
         personal_version=int(row["personal_version"]),
+        worker=str(row["worker"]),
+        attempts=int(row["attempts"]),
     )

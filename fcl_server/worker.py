@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ from common.package import KnowledgePackage, decode_package, decode_stats, encod
 from fcl_server.blobs import BlobStore
 from fcl_server.fm_host import FMHost
 from fcl_server.service import InFlight, JobNotifier
-from fcl_server.state import GLOBAL, Job, State
+from fcl_server.state import DEFAULT_LEASE_S, GLOBAL, Job, LeaseLost, State
 
 log = logging.getLogger(__name__)
 JobObserver = Callable[[str, float], None]  # (outcome: done | failed | interrupted, seconds)
@@ -57,6 +58,8 @@ class DistillationWorker:
         nice: int = 0,
         yield_to: InFlight | None = None,
         max_yield_s: float = 0.0,
+        worker_id: str = "",
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> None:
         self.state, self.blobs, self.fm_host, self.cfg = state, blobs, fm_host, cfg
         self.nice = nice
@@ -70,16 +73,50 @@ class DistillationWorker:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="obod-worker", daemon=True)
         self.busy = False
+        # jobs are claimed under a lease that a heartbeat renews; a worker that dies loses it, and
+        # another worker (or this one, restarted) runs the job again
+        self.worker_id = worker_id or default_worker_id("serve")
+        self.lease_s = lease_s
+        self.job_id = 0  # the running job, 0 when idle
+        self._lost = threading.Event()  # the running job's lease was taken back
+        self._beat = threading.Thread(target=self._heartbeat, name="obod-heartbeat", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        self._beat.start()
 
     def stop(self, timeout: float | None = None) -> bool:
         """Interrupt the running job (it is re-queued, never half-applied) and stop; False if not in time."""
         self._stop.set()
         self.notifier.notify()
+        if not self._thread.is_alive():  # never started (a front-end), or already stopped
+            return True
         self._thread.join(timeout)
-        return not self._thread.is_alive()
+        stopped = not self._thread.is_alive()
+        if stopped and self._beat.is_alive():
+            self._beat.join(timeout=10)
+            self._drop_self()
+        return stopped
+
+    def _drop_self(self) -> None:
+        try:
+            self.state.drop_worker(self.worker_id)
+        except Exception as exc:  # the database may be gone at shutdown; the row then just ages out
+            log.warning("could not drop worker %s from the database: %s", self.worker_id, exc)
+
+    def _heartbeat(self) -> None:
+        """Every lease_s/3: tell the database this worker lives, and renew the running job's lease."""
+        while True:
+            job_id = self.job_id
+            try:
+                if job_id and not self.state.renew_lease(job_id, self.worker_id, self.lease_s):
+                    log.warning("job %d: lease lost to another worker; dropping this run", job_id)
+                    self._lost.set()
+                self.state.worker_heartbeat(self.worker_id, socket.gethostname(), os.getpid(), job_id)
+            except Exception as exc:  # a database blip: the next beat tries again, within the lease
+                log.warning("worker heartbeat failed: %s", exc)
+            if self._stop.wait(self.lease_s / 3) and not self._thread.is_alive():
+                return
 
     def _loop(self) -> None:
         # before any torch op here: the intra-op threads this thread starts inherit its priority
@@ -88,15 +125,16 @@ class DistillationWorker:
         self.fm_host.public_features()
         tick = 0
         while not self._stop.is_set():
-            job = self.state.claim_next_job()
+            job = self.state.claim_next_job(self.worker_id, self.lease_s)
             if job is None:
                 tick = self.notifier.wait(tick, timeout=1.0)
                 continue
-            self.busy = True
+            self.busy, self.job_id = True, job.job_id
+            self._lost.clear()
             try:
                 self.run_job(job)
             finally:
-                self.busy = False
+                self.busy, self.job_id = False, 0
                 self.notifier.notify()
 
     def run_job(self, job: Job) -> None:
@@ -105,14 +143,17 @@ class DistillationWorker:
         log.debug("job %d (client %s, %s) running", job.job_id, job.client_id, job.task_key)
         try:
             versions = self._distill(job)
-        except Cancelled:
-            self.state.requeue_job(job.job_id)
+        except (Cancelled, LeaseLost) as exc:
+            if self._lost.is_set() or isinstance(exc, LeaseLost):
+                self._finished(job, "lost", started, f"dropped after {{s}}: {exc or 'lease lost'}")
+                return
+            self.state.requeue_job(job.job_id, self.worker_id)
             self._finished(
                 job, "interrupted", started, "interrupted by shutdown; re-queued for the next start (ran {s})"
             )
             return
         except Exception as exc:  # a bad job must not stop the worker; it is recorded as failed
-            self.state.fail_job(job.job_id, f"{type(exc).__name__}: {exc}")
+            self.state.fail_job(job.job_id, f"{type(exc).__name__}: {exc}", self.worker_id)
             self._finished(
                 job, "failed", started, f"failed after {{s}}: {type(exc).__name__}: {exc}", exc_info=True
             )
@@ -164,14 +205,14 @@ class DistillationWorker:
             started = time.perf_counter()
             uploads.wait_idle(min(0.1, self.max_yield_s - self.yielded_s))
             self.yielded_s += time.perf_counter() - started
-        return self._stop.is_set()
+        return self._stop.is_set() or self._lost.is_set()
 
     def _distill(self, job: Job) -> tuple[int, int]:
         self.yielded_s = 0.0
         self._checkpoint()
         pkg = decode_package(self.blobs.read(job.blob))
         teacher = Teacher.from_package(pkg, self.device)
-        current = self._global_head()
+        current, based_on = self._global_head()
         public = self.fm_host.public_features()
         out = run_job(
             current,
@@ -190,15 +231,16 @@ class DistillationWorker:
         known = set(current.labels) if current else set()
         new_labels = [y for y in out.global_head.labels if y not in known]
         return self.state.complete_job(
-            job, g_blob, p_blob, len(out.global_head.labels), new_labels, bank_blob
+            job, g_blob, p_blob, len(out.global_head.labels), new_labels, bank_blob, self.worker_id, based_on
         )
 
-    def _global_head(self) -> Head | None:
+    def _global_head(self) -> tuple[Head | None, int]:
+        """G as the database has it now, and its version (0: none yet)."""
         found = self.state.head(GLOBAL, "")
         if found is None:
-            return None
+            return None, 0
         pkg = decode_package(self.blobs.read(found.blob))
-        return Head(pkg.build().to(self.device), pkg.labels)
+        return Head(pkg.build().to(self.device), pkg.labels), found.version
 
     def _bank(self) -> StatsBank:
         blob = self.state.get_kv("stats_bank")
@@ -209,3 +251,10 @@ class DistillationWorker:
 
 def _head_package(head: Head, fm_digest: str) -> KnowledgePackage:
     return KnowledgePackage.from_model(head.model.cpu(), head.labels, fm_digest, kind="head")
+
+
+def default_worker_id(role: str) -> str:
+    """`serve@HOST` for the worker of an all-in-one server (a restart recognises its own jobs);
+    `worker@HOST:PID` for a worker process."""
+    host = socket.gethostname() or "localhost"
+    return f"serve@{host}" if role == "serve" else f"{role}@{host}:{os.getpid()}"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fcl_server.state import GLOBAL, PERSONAL, Job, JobState, State
+from fcl_server.state import GLOBAL, PERSONAL, Job, JobState, LeaseLost, State
 
 
 @pytest.fixture
@@ -62,8 +63,12 @@ def test_jobs_are_claimed_fifo_by_job_id(state: State) -> None:
     # a running job still counts ahead of the queued ones
     assert state.queue_position(ids[2]) == 2
     assert state.queue_depth() == 2
+    assert state.claim_next_job() is None  # one job runs at a time, across workers (OBOD is one-by-one)
 
-    assert claim(state).job_id == ids[1]
+    complete(state, first, [], 0)
+    second = claim(state)
+    assert second.job_id == ids[1]
+    complete(state, second, [], 0)
     assert claim(state).job_id == ids[2]
     assert state.claim_next_job() is None
 
@@ -106,21 +111,26 @@ def test_superseding_does_not_touch_other_clients_and_keeps_fifo(state: State) -
     c1, _ = upload(state, "c", "u1")
 
     # a1 is superseded by a2; the oldest survivor is b1, then a2, then c1
-    assert claim(state).job_id == b1
+    b = claim(state)
+    assert b.job_id == b1
     assert state_of(state, a1) is JobState.SUPERSEDED
     assert state_of(state, a2) is JobState.QUEUED
     assert state_of(state, c1) is JobState.QUEUED
-    assert claim(state).job_id == a2
+    complete(state, b, [], 0)
+    a = claim(state)
+    assert a.job_id == a2
+    complete(state, a, [], 0)
     assert claim(state).job_id == c1
-    assert state_of(state, b1) is JobState.RUNNING
 
 
 def test_running_job_is_not_superseded_by_a_new_upload(state: State) -> None:
     first, _ = upload(state, "c1", "u1")
-    assert claim(state).job_id == first
+    running = claim(state)
+    assert running.job_id == first
     second, _ = upload(state, "c1", "u2")
+    assert state.claim_next_job() is None and state_of(state, first) is JobState.RUNNING
+    complete(state, running, [], 0)
     assert claim(state).job_id == second
-    assert state_of(state, first) is JobState.RUNNING
 
 
 def test_upload_is_idempotent_per_client_and_upload_id(state: State) -> None:
@@ -146,17 +156,19 @@ def test_requeue_running_puts_jobs_back(state: State) -> None:
     first, _ = upload(state, "c1", "u1")
     second, _ = upload(state, "c2", "u1")
     third, _ = upload(state, "c3", "u1")
-    claim(state)
-    claim(state)
-    assert state.requeue_running() == 2
+    assert state.claim_next_job("serve@a").job_id == first  # type: ignore[union-attr]
+    # a starting process takes back only its own jobs (restarted) and those whose lease ran out
+    assert state.requeue_running("worker@b:1") == 0
+    assert state.requeue_running("serve@a") == 1
     for job_id in (first, second, third):
         assert state_of(state, job_id) is JobState.QUEUED
     job = state.job(first)
     assert job is not None and job.started == 0
     # FIFO order survives the requeue
-    assert claim(state).job_id == first
-    assert state.requeue_running() == 1
-    assert state.requeue_running() == 0
+    assert state.claim_next_job("serve@a", lease_s=0.05).job_id == first  # type: ignore[union-attr]
+    time.sleep(0.1)
+    assert state.requeue_running("worker@b:1") == 1  # the lease ran out
+    assert state.requeue_running("worker@b:1") == 0
 
 
 def test_complete_job_bumps_versions_and_registers_labels_once(state: State) -> None:
@@ -235,14 +247,50 @@ def test_state_survives_reopening(db_path: Path) -> None:
         assert upload(st, "c1", "u1") == (done_id, True)
 
         assert st.requeue_running() == 1
-        assert claim(st).job_id == running_id
+        again = claim(st)
+        assert again.job_id == running_id
+        assert complete(st, again, ["c"], 3) == (2, 1)
         assert claim(st).job_id == queued_id
         # job ids keep growing after a restart
         new_id, _ = upload(st, "c4", "u1")
         assert new_id > queued_id
-        running = st.job(running_id)
-        assert running is not None
-        assert complete(st, running, ["c"], 3) == (2, 1)
         assert st.label_count() == 3
     finally:
         st.close()
+
+
+def test_a_lease_that_runs_out_lets_another_worker_take_the_job(state: State) -> None:
+    job_id, _ = upload(state, "c1", "u1")
+    later, _ = upload(state, "c2", "u1")
+    dead = state.claim_next_job("worker@a:1", lease_s=0.2)
+    assert dead is not None and dead.job_id == job_id
+    assert state.claim_next_job("worker@b:2") is None  # a live lease holds every other worker back
+    assert state.renew_lease(job_id, "worker@a:1", 0.2)  # a heartbeat keeps it
+    assert not state.renew_lease(job_id, "worker@b:2", 30)  # only for its own worker
+    time.sleep(0.3)
+    taken = state.claim_next_job("worker@b:2")
+    assert taken is not None and taken.job_id == job_id  # the same job again, before the later one
+    assert not state.renew_lease(job_id, "worker@a:1", 30)  # the dead worker's beat finds it lost
+    with pytest.raises(LeaseLost):  # and its late result is refused, nothing written
+        state.complete_job(dead, "g-late", "p-late", 1, ["x"], None, worker="worker@a:1")
+    assert state.head(GLOBAL, "") is None and state.label_count() == 0
+    assert state.complete_job(taken, "g", "p", 1, ["x"], None, worker="worker@b:2", based_on=0) == (1, 1)
+    assert state.claim_next_job("worker@b:2").job_id == later  # type: ignore[union-attr]
+
+
+def test_a_result_computed_from_an_older_global_head_is_refused(state: State) -> None:
+    upload(state, "c1", "u1")
+    job = state.claim_next_job("w")
+    assert job is not None
+    with pytest.raises(LeaseLost, match="started from G v3"):
+        state.complete_job(job, "g", "p", 1, [], None, worker="w", based_on=3)
+    assert state.complete_job(job, "g", "p", 1, [], None, worker="w", based_on=0) == (1, 1)
+
+
+def test_workers_report_their_heartbeat_and_job(state: State) -> None:
+    state.worker_heartbeat("worker@a:1", "a", 1)
+    state.worker_heartbeat("worker@b:2", "b", 2, job_id=7)
+    seen = {row["worker_id"]: int(row["job_id"]) for row in state.workers()}
+    assert seen == {"worker@a:1": 0, "worker@b:2": 7}
+    state.drop_worker("worker@a:1")
+    assert [row["worker_id"] for row in state.workers()] == ["worker@b:2"]

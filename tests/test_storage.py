@@ -47,10 +47,16 @@ def cli(*argv: str) -> tuple[int, str, str]:
 
 
 def rows_of(db: Path) -> dict[str, list[list[Any]]]:
-    """Every row of every 0.1.0 table, as tools/make_state_fixture.py dumped them into rows.json."""
+    """Every row of every 0.1.0 table, its 0.1.0 columns, as tools/make_state_fixture.py dumped them."""
     conn = sqlite3.connect(db)
     try:
-        return {t: [list(r) for r in conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2")] for t in TABLES}
+        return {
+            t: [
+                list(r)
+                for r in conn.execute(f"SELECT {', '.join(database.V010_TABLES[t])} FROM {t} ORDER BY 1, 2")
+            ]
+            for t in TABLES
+        }
     finally:
         conn.close()
 
@@ -102,23 +108,23 @@ def v010(tmp_path: Path) -> Path:
 
 # -- 0.1.0 state dirs -------------------------------------------------------------------------------------
 def test_fcl_server_db_upgrades_a_0_1_0_state_dir_in_place_with_every_row(v010: Path) -> None:
-    assert HEAD == "0002"
+    assert HEAD == "0003"
     code, out, err = cli("db", "current", "--state-dir", str(v010))
-    assert (code, out) == (1, "0001 (a 0.1.0 state database, not yet stamped; head is 0002)")
+    assert (code, out) == (1, "0001 (a 0.1.0 state database, not yet stamped; head is 0003)")
     assert err == f"database: sqlite:///{v010}/state.sqlite3"
 
     code, out, _ = cli("db", "upgrade", "--state-dir", str(v010))
     assert (code, out) == (
         0,
-        "upgraded 0001 (a 0.1.0 state database, not yet stamped; head is 0002) -> 0002 (head)",
+        "upgraded 0001 (a 0.1.0 state database, not yet stamped; head is 0003) -> 0003 (head)",
     )
-    assert cli("db", "current", "--state-dir", str(v010))[:2] == (0, "0002 (head)")
-    assert cli("db", "upgrade", "--state-dir", str(v010))[:2] == (0, "already at 0002 (head)")
+    assert cli("db", "current", "--state-dir", str(v010))[:2] == (0, "0003 (head)")
+    assert cli("db", "upgrade", "--state-dir", str(v010))[:2] == (0, "already at 0003 (head)")
 
     db = v010 / "state.sqlite3"
     assert rows_of(db) == json.loads((FIXTURE / "rows.json").read_text())
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
         assert conn.execute("SELECT seq FROM sqlite_sequence WHERE name='jobs'").fetchall() == [(6,)]
     assert schema_drift(database.sqlite_url(db)) == []
 
@@ -152,10 +158,14 @@ def test_serving_a_0_1_0_state_dir_upgrades_it_and_carries_on_where_it_stopped(v
         assert st.reserve_upload("edge-2", "u3", 99, "0" * 64, stale_before=0.0) == (2048, "8" * 64)
 
         assert st.requeue_running() == 1  # the job the "crash" left running
-        assert [claim(st).job_id, claim(st).job_id] == [5, 6]
+        five = claim(st)
+        assert five.job_id == 5 and st.claim_next_job() is None  # one job at a time
         assert upload_job(st, "edge-1", "u9") == (7, False)  # job ids go on after 0.1.0's
-        assert st.complete_job(claim(st), "g", "p", 5, ["v"], None) == (3, 3)
+        assert st.complete_job(five, "g", "p", 5, ["v"], None) == (3, 1)  # its client's first personal head
         assert st.label_count() == 5
+        seven = claim(st)  # edge-1's newest upload supersedes its queued job 6
+        assert seven.job_id == 7 and st.complete_job(seven, "g2", "p2", 5, [], None) == (4, 3)
+        assert [j.state for j in st.jobs(limit=3)] == [JobState.DONE, JobState.SUPERSEDED, JobState.DONE]
     finally:
         st.close()
 
@@ -283,7 +293,12 @@ def test_uploads_queue_in_order_and_newer_uploads_supersede(state: State) -> Non
     assert first.job_id == b1 and first.state is JobState.RUNNING and first.started > 0
     old = state.job(a1)
     assert old is not None and old.state is JobState.SUPERSEDED and f"job {a2}" in old.message
-    assert [claim(state).job_id, claim(state).job_id] == [a2, c1]
+    assert state.claim_next_job() is None  # one job runs at a time, across workers
+    state.complete_job(first, "g1", "p1", 1, [], None)
+    second = claim(state)
+    assert second.job_id == a2
+    state.complete_job(second, "g2", "p2", 1, [], None)
+    assert claim(state).job_id == c1
     assert state.claim_next_job() is None and state.queue_depth() == 0
     assert [j.job_id for j in state.jobs(limit=2)] == [c1, a2]
 
@@ -291,12 +306,11 @@ def test_uploads_queue_in_order_and_newer_uploads_supersede(state: State) -> Non
 def test_claim_requeue_and_fail(state: State) -> None:
     first, _ = upload_job(state, "a", "u1")
     second, _ = upload_job(state, "b", "u1")
-    third, _ = upload_job(state, "c", "u1")
-    claim(state)
-    claim(state)
-    state.requeue_job(second)  # interrupted: back at its place
-    assert [claim(state).job_id, claim(state).job_id] == [second, third]
-    assert state.requeue_running() == 3 and state.requeue_running() == 0
+    assert claim(state).job_id == first
+    state.requeue_job(first)  # interrupted: back at its place
+    assert claim(state).job_id == first
+    assert state.requeue_running("worker@elsewhere:1") == 0  # another live worker's job stays
+    assert state.requeue_running() == 1 and state.requeue_running() == 0  # this process's, restarted
     job = state.job(first)
     assert job is not None and job.state is JobState.QUEUED and job.started == 0
     assert claim(state).job_id == first
@@ -304,6 +318,11 @@ def test_claim_requeue_and_fail(state: State) -> None:
     failed = state.job(first)
     assert failed is not None and failed.state is JobState.FAILED and len(failed.message) == 2000
     assert failed.finished > 0 and state.job(999_999) is None
+    taken = state.claim_next_job("w", lease_s=0.05)
+    assert taken is not None and taken.job_id == second
+    time.sleep(0.1)
+    again = state.claim_next_job("w2")  # the lease ran out: another worker takes the job
+    assert again is not None and again.job_id == second and again.state is JobState.RUNNING
 
 
 def test_completed_jobs_publish_heads_labels_and_the_bank(state: State) -> None:

@@ -1,0 +1,144 @@
+"""Scale-out on PostgreSQL: a gRPC front-end without a worker and two worker processes, real processes.
+
+Jobs run one at a time, in job order, each applied to G exactly once; a worker killed mid-job loses
+its lease and the other worker runs the job again; clients follow their jobs on the front-end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from benchmarks.cluster import ServerProcess, start_server
+from common.fm import FoundationModel
+from common.stubs.fcl.v1 import fcl_pb2 as pb
+from fcl_client.connection import Connection
+from fcl_server.state import GLOBAL, JobState, State
+from tests.servers import enroll, package_bytes
+
+LEASE_S = 3.0
+LABELS = [["open_door", "close_door"], ["turn_on_light", "dim_light"], ["play_song", "stop_song"]]
+
+
+@dataclass
+class Worker:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass
+class Cluster:
+    url: str
+    frontend: ServerProcess
+    workers: dict[str, Worker]
+    state: State
+    target: str
+
+
+def _wait(what: Callable[[], object], label: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if what():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {label}")
+
+
+def _start_worker(name: str, url: str, shared: Path, tmp: Path, corpus: Path) -> Worker:
+    log = tmp / f"{name}.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "fcl_server.cli",
+        "worker",
+        "--state-dir",
+        str(tmp / name),
+        "--database",
+        url,
+    ]
+    cmd += ["--blob-dir", str(shared), "--public-corpus", str(corpus), "--device", "cpu"]
+    cmd += ["--worker-id", name, "--lease-s", str(LEASE_S)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    _wait(lambda: f"worker {name} running" in log.read_text() or proc.poll() is not None, f"{name} to start")
+    assert proc.poll() is None, log.read_text()[-2000:]
+    return Worker(name, proc, log)
+
+
+@pytest.fixture()
+def cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
+    corpus = tmp_path / "public.txt"
+    corpus.write_text("\n".join(f"public sentence number {i} about topic {i % 7}" for i in range(64)))
+    shared = tmp_path / "shared"  # the blob dir every process shares (an NFS or RWX volume in production)
+    upgrade = [sys.executable, "-m", "fcl_server.cli", "db", "upgrade", "--database", postgres_url]
+    subprocess.run(upgrade, check=True, capture_output=True)
+    args = ["--database", postgres_url, "--blob-dir", str(shared), "--public-corpus", str(corpus)]
+    frontend = start_server(
+        tmp_path / "fe", tmp_path / "fe.log", *args, "--no-worker", "--uploads-per-minute", "0"
+    )
+    workers: dict[str, Worker] = {}
+    state = State(postgres_url)
+    try:
+        for name in ("worker-0", "worker-1"):
+            workers[name] = _start_worker(name, postgres_url, shared, tmp_path, corpus)
+        yield Cluster(postgres_url, frontend, workers, state, frontend.target)
+    finally:
+        for w in workers.values():
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
+        for w in workers.values():
+            try:
+                w.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+        frontend.stop(timeout=60)
+        state.close()
+
+
+def _upload(c: Cluster, fm: FoundationModel, client: str, token: str, labels: list[str], n: int) -> int:
+    with Connection(c.target, token) as conn:
+        conn.register(client, fm.digest)
+        return conn.upload(package_bytes(fm, labels), f"{client}-{n}", f"task-{n:02d}", n, fm.digest).job_id
+
+
+def test_two_workers_apply_every_job_once_in_order_and_survive_a_kill(
+    cluster: Cluster, fm: FoundationModel
+) -> None:
+    c = cluster
+    tokens = {f"edge-{i}": enroll(None, f"edge-{i}", database=c.url) for i in range(3)}
+    jobs = [_upload(c, fm, client, token, LABELS[i], 0) for i, (client, token) in enumerate(tokens.items())]
+
+    # the front-end has no worker: the clients see their jobs end through it, from the workers' writes
+    for (client, token), job_id in zip(tokens.items(), jobs, strict=True):
+        with Connection(c.target, token) as conn:
+            assert conn.watch_job(job_id, timeout=240).state == pb.JOB_STATE_DONE, client
+
+    # one more job; kill -9 the worker that runs it: its lease runs out and the other worker runs it
+    job_id = _upload(c, fm, "edge-0", tokens["edge-0"], LABELS[0] + ["lock_door"], 1)
+    _wait(lambda: (j := c.state.job(job_id)) is not None and j.state is JobState.RUNNING, "the job to run")
+    victim = c.state.job(job_id).worker  # type: ignore[union-attr]
+    c.workers[victim].proc.send_signal(signal.SIGKILL)
+    c.workers[victim].proc.wait(timeout=30)
+    with Connection(c.target, tokens["edge-0"]) as conn:
+        assert conn.watch_job(job_id, timeout=240).state == pb.JOB_STATE_DONE
+    last = c.state.job(job_id)
+    assert last is not None and last.worker != victim and last.attempts >= 2
+
+    done = sorted((j for j in c.state.jobs() if j.state is JobState.DONE), key=lambda j: j.job_id)
+    assert [j.job_id for j in done] == [*jobs, job_id]
+    # exactly once, one by one in job order: G v1..v4 from jobs 1..4, each version from one job
+    assert [j.global_version for j in done] == [1, 2, 3, 4]
+    heads = [c.state.head(GLOBAL, "", version=v) for v in (1, 2, 3, 4)]
+    assert [h.job_id for h in heads if h is not None] == [j.job_id for j in done]
+    assert c.state.head(GLOBAL, "", version=5) is None
+    assert {row["worker_id"] for row in c.state.workers()} >= {n for n in c.workers if n != victim}
