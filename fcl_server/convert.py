@@ -146,4 +146,15 @@ def server_status(view: StatusView) -> pb.ServerStatus:
         jobs=[job_status(j) for j in view.jobs],
         uptime_s=view.uptime_s,
         server_version=SERVER_VERSION,
+        workers=[
+            pb.WorkerStatus(
+                worker_id=w.worker_id,
+                host=w.host,
+                pid=w.pid,
+                started=w.started,
+                heartbeat=w.heartbeat,
+                job_id=w.job_id,
+            )
+            for w in view.workers
+        ],
     )

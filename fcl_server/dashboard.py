@@ -181,6 +181,22 @@ def _jobs(data: DashboardData) -> str:
     )
 
 
+def _workers(data: DashboardData) -> str:
+    if not data.status.workers:
+        return '<p class="empty">no distillation worker has reported in the last hour</p>'
+    rows = "".join(
+        f'<tr id="worker-{escape(w.worker_id)}"><td><code>{escape(w.worker_id)}</code></td>'
+        f'<td>{escape(w.host)}</td><td class="num">{w.pid}</td><td>{_when(w.started, data.now)}</td>'
+        f"<td>{_when(w.heartbeat, data.now)}</td>"
+        f'<td class="num">{f"#{w.job_id}" if w.job_id else "idle"}</td></tr>'
+        for w in data.status.workers
+    )
+    return (
+        '<table id="workers"><thead><tr><th>worker</th><th>host</th><th>pid</th><th>started</th>'
+        f"<th>last heartbeat</th><th>running job</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
+
+
 def _heads(data: DashboardData) -> str:
     if not data.heads:
         return '<p class="empty">no head published yet</p>'
@@ -234,6 +250,8 @@ generated {generated} · refreshes every {REFRESH_S} s</p>
 {_cards(data)}
 <h2>Clients</h2>
 {_clients(data)}
+<h2>Distillation workers</h2>
+{_workers(data)}
 <h2>Distillation jobs (newest first)</h2>
 {_jobs(data)}
 <h2>Accuracy curves</h2>

@@ -101,6 +101,7 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         try:
             heads = self.state.head_summary()
+            workers = self.state.workers(seen_within_s=120.0)
             values = {
                 "queue_depth": ("distillation jobs waiting", self.state.queue_depth()),
                 "clients_seen": ("clients that have called the server", self.state.client_count()),
@@ -111,6 +112,12 @@ class StateCollector(Collector):
             return
         for name, (doc, value) in values.items():
             yield GaugeMetricFamily(f"fcl_{name}", doc, value=value)
+        live = GaugeMetricFamily(
+            "fcl_worker_job", "job each distillation worker runs now (0: idle), by worker", labels=["worker"]
+        )
+        for row in workers:
+            live.add_metric([row["worker_id"]], int(row["job_id"]))
+        yield live
         version = GaugeMetricFamily("fcl_head_version", "highest published head version", labels=["scope"])
         published = GaugeMetricFamily("fcl_head_versions", "head versions published", labels=["scope"])
         for scope in (GLOBAL, PERSONAL):

@@ -137,6 +137,16 @@ class ClientView:
 
 
 @dataclass(frozen=True)
+class WorkerView:
+    worker_id: str
+    host: str
+    pid: int
+    started: float
+    heartbeat: float
+    job_id: int
+
+
+@dataclass(frozen=True)
 class StatusView:
     fm: FMInfo
     global_version: int
@@ -145,6 +155,7 @@ class StatusView:
     clients: list[ClientView]
     jobs: list[Job]
     uptime_s: float
+    workers: list[WorkerView]
 
 
 class JobNotifier:
@@ -605,4 +616,15 @@ class FclService:
             clients,
             self.state.jobs(max_jobs or wire.DEFAULT_STATUS_JOBS),
             time.time() - self.started,
+            [
+                WorkerView(
+                    r["worker_id"],
+                    r["host"],
+                    int(r["pid"]),
+                    float(r["started"]),
+                    float(r["heartbeat"]),
+                    int(r["job_id"]),
+                )
+                for r in self.state.workers()
+            ],
         )

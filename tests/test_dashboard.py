@@ -73,6 +73,8 @@ def populated_state(path: Path) -> State:
     assert failed is not None
     state.fail_job(failed.job_id, "<script>alert(1)</script> invalid package")
     state.add_upload_and_job("edge-1", "u3", "task-01", 1, 100, "e" * 64)
+    state.worker_heartbeat("w<script>", "node-a", 41, job_id=3)  # a name to escape
+    state.worker_heartbeat("serve@node-b", "node-b", 7)
     state.put_metrics("edge-1", "task-00", 0, {"small_acc": 0.8, "personal_acc": 0.9})
     state.put_metrics("edge-1", "task-01", 1, {"small_acc": 0.7, "personal_acc": 0.85, "bytes_up": 4.5e5})
     return state
@@ -141,6 +143,11 @@ def test_page_shows_clients_queue_jobs_heads_and_curves(dashboard: DashboardServ
     assert set(series) == {"edge-1 · personal_acc", "edge-1 · small_acc"}  # bytes_up is not an accuracy
     assert all(len(points.split()) == 2 for points in series.values())
     assert "small_acc 70.0%" in text and "bytes_up 450 kB" in text  # edge-1's last metrics, formatted
+    assert page.by_id("workers") is not None
+    rows = [a["id"] for a in page.all("tr") if a.get("id", "").startswith("worker-")]
+    assert sorted(rows) == ["worker-serve@node-b", "worker-w<script>"]  # attributes unescaped by the parser
+    assert "w<script>" not in body and "w&lt;script&gt;" in body
+    assert "#3" in text and "idle" in text and "node-a" in text
 
 
 def test_empty_server_page(tmp_path: Path) -> None:
@@ -154,6 +161,7 @@ def test_empty_server_page(tmp_path: Path) -> None:
         running.stop()
         state.close()
     assert status == 200 and 'id="accuracy-chart-empty"' in body and "no client has called" in body
+    assert "no distillation worker has reported" in body
 
 
 def test_job_times(service: FclService) -> None:

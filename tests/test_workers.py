@@ -141,4 +141,11 @@ def test_two_workers_apply_every_job_once_in_order_and_survive_a_kill(
     heads = [c.state.head(GLOBAL, "", version=v) for v in (1, 2, 3, 4)]
     assert [h.job_id for h in heads if h is not None] == [j.job_id for j in done]
     assert c.state.head(GLOBAL, "", version=5) is None
-    assert {row["worker_id"] for row in c.state.workers()} >= {n for n in c.workers if n != victim}
+    # operators see every worker through any front-end: GetStatus lists them with their running job
+    admin = enroll(None, "ops", admin=True, database=c.url)
+    with Connection(c.target, admin) as conn:
+        status = conn.status()
+    seen = {w.worker_id: w for w in status.workers}
+    survivor = next(n for n in c.workers if n != victim)
+    assert survivor in seen and seen[survivor].pid == c.workers[survivor].proc.pid
+    assert victim in seen and seen[victim].heartbeat < seen[survivor].heartbeat  # it stopped beating

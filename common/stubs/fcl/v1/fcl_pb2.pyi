@@ -775,6 +775,44 @@ class JobStatus(_message.Message):
 Global___JobStatus: _TypeAlias = JobStatus  # noqa: Y015
 
 @_typing.final
+class WorkerStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """e.g. "worker@host:1234", or "serve@host" for an all-in-one server"""
+    host: _builtins.str
+    pid: _builtins.int
+    started: _builtins.float
+    """unix seconds"""
+    heartbeat: _builtins.float
+    """unix seconds of its last heartbeat (every lease/3)"""
+    job_id: _builtins.int
+    """the job it runs now; 0 = idle"""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        host: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        started: _builtins.float = ...,
+        heartbeat: _builtins.float = ...,
+        job_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "host", b"host", "job_id", b"job_id", "pid", b"pid", "started", b"started", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerStatus: _TypeAlias = WorkerStatus  # noqa: Y015
+
+@_typing.final
 class ServerStatus(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -786,6 +824,7 @@ class ServerStatus(_message.Message):
     JOBS_FIELD_NUMBER: _builtins.int
     UPTIME_S_FIELD_NUMBER: _builtins.int
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
     global_version: _builtins.int
     num_labels: _builtins.int
     queue_depth: _builtins.int
@@ -797,6 +836,10 @@ class ServerStatus(_message.Message):
     def clients(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClientStatus]: ...
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobStatus]: ...
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]:
+        """distillation workers heard from in the last hour, newest first"""
+
     def __init__(
         self,
         *,
@@ -808,10 +851,11 @@ class ServerStatus(_message.Message):
         jobs: _abc.Iterable[Global___JobStatus] | None = ...,
         uptime_s: _builtins.float = ...,
         server_version: _builtins.str = ...,
+        workers: _abc.Iterable[Global___WorkerStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["foundation_model", b"foundation_model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "foundation_model", b"foundation_model", "global_version", b"global_version", "jobs", b"jobs", "num_labels", b"num_labels", "queue_depth", b"queue_depth", "server_version", b"server_version", "uptime_s", b"uptime_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "foundation_model", b"foundation_model", "global_version", b"global_version", "jobs", b"jobs", "num_labels", b"num_labels", "queue_depth", b"queue_depth", "server_version", b"server_version", "uptime_s", b"uptime_s", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
