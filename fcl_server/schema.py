@@ -122,6 +122,15 @@ upload_reservations = sa.Table(
     sa.Column("sha256", TEXT, nullable=False),
     sa.Column("reserved", REAL, nullable=False),
 )
+# revision 0003: the token buckets of the per-client upload limits, shared by every front-end
+rate_buckets = sa.Table(
+    "rate_buckets",
+    metadata,
+    sa.Column("name", TEXT, primary_key=True),
+    sa.Column("key", TEXT, primary_key=True),
+    sa.Column("tokens", REAL, nullable=False),
+    sa.Column("updated", REAL, nullable=False),
+)
 # revision 0003: every distillation worker process, its heartbeat and the job it runs
 workers = sa.Table(
     "workers",

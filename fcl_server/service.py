@@ -221,7 +221,8 @@ class FclService:
         self.notifier = JobNotifier()
         self.uploads_in_flight = InFlight()  # the distillation worker yields to these
         self._watch_slots = threading.BoundedSemaphore(self.limits.max_watchers)
-        self.upload_limiter = RateLimiter(self.limits.uploads_per_minute)
+        # in the database, on the wall clock: one limit for a client however many front-ends it calls
+        self.upload_limiter = RateLimiter(self.limits.uploads_per_minute, time.time, state)
         # validates uploads while their handler thread waits on the disk
         self._helpers = futures.ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="fcl-upload")
         # next to the blob store, under the state dir, but not in blobs/tmp (cleared at every start)
@@ -230,7 +231,7 @@ class FclService:
             self.limits.partial_upload_ttl_s,
             self.limits.max_partial_uploads,
         )
-        self.upload_quota = ByteQuota(self.limits.upload_mb_per_hour)
+        self.upload_quota = ByteQuota(self.limits.upload_mb_per_hour, time.time, state)
         self._metrics_lock = threading.Lock()  # ReportMetrics: a client's quota check and insert at once
         self.started = time.time()
 

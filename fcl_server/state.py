@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -27,6 +27,7 @@ from fcl_server.schema import (
     kv,
     labels,
     metrics,
+    rate_buckets,
     tokens,
     upload_reservations,
     uploads,
@@ -35,6 +36,7 @@ from fcl_server.schema import (
 
 GLOBAL = "global"
 PERSONAL = "personal"
+T = TypeVar("T")
 DEFAULT_LEASE_S = 30.0  # a claimed job is its worker's this long after its last heartbeat
 CLAIM_LOCK = 0x6663_6C01  # PostgreSQL advisory lock key that serialises job claims ("fcl" 1)
 
@@ -487,6 +489,27 @@ class State:
                 j.job_id == job_id, j.state == JobState.RUNNING.value, j.worker == worker
             )
             db.execute(query.values(state=JobState.QUEUED.value, started=0, worker="", lease_until=0))
+
+    # -- rate limits ---------------------------------------------------------------------------------
+    def update_bucket(
+        self,
+        name: str,
+        key: str,
+        change: Callable[[tuple[float, float] | None], tuple[tuple[float, float], T]],
+    ) -> T:
+        """Read-modify-write one token bucket (tokens, updated) in one transaction: every front-end sees
+        the same buckets. `change` gets the row (None: new) and returns the new row and a result."""
+        b = rate_buckets.c
+        with self.tx() as db:
+            pick = sa.select(b.tokens, b.updated).where(b.name == name, b.key == key)
+            if db.dialect.name == "postgresql":
+                _insert_ignore(db, rate_buckets, {"name": name, "key": key, "tokens": -1.0, "updated": 0.0})
+                pick = pick.with_for_update()  # other front-ends wait for this bucket, not for others
+            row = db.execute(pick).first()
+            found = None if row is None or row.tokens < 0 else (float(row.tokens), float(row.updated))
+            (tokens, updated), result = change(found)
+            _upsert(db, rate_buckets, {"name": name, "key": key, "tokens": tokens, "updated": updated})
+            return result
 
     # -- workers ------------------------------------------------------------------------------------
     def worker_heartbeat(self, worker: str, host: str, pid: int, job_id: int = 0) -> None:

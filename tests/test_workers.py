@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from benchmarks.cluster import ServerProcess, start_server
@@ -22,7 +23,7 @@ from common.fm import FoundationModel
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from fcl_client.connection import Connection
 from fcl_server.state import GLOBAL, JobState, State
-from tests.servers import enroll, package_bytes
+from tests.servers import enroll, inprocess_server, package_bytes
 
 LEASE_S = 3.0
 LABELS = [["open_door", "close_door"], ["turn_on_light", "dim_light"], ["play_song", "stop_song"]]
@@ -149,3 +150,31 @@ def test_two_workers_apply_every_job_once_in_order_and_survive_a_kill(
     survivor = next(n for n in c.workers if n != victim)
     assert survivor in seen and seen[survivor].pid == c.workers[survivor].proc.pid
     assert victim in seen and seen[victim].heartbeat < seen[survivor].heartbeat  # it stopped beating
+
+
+def test_upload_limits_hold_for_a_client_that_spreads_its_calls_over_front_ends(
+    tmp_path: Path, postgres_url: str, fm: FoundationModel
+) -> None:
+    shared = tmp_path / "shared"
+    common = {"database": postgres_url, "blob_dir": shared, "uploads_per_minute": 2, "worker": False}
+    state = State(postgres_url, upgrade=True)
+    state.close()
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    a = inprocess_server(tmp_path / "a", fm, **common)
+    b = inprocess_server(tmp_path / "b", fm, **common)
+    try:
+        token = enroll(None, "edge-0", database=postgres_url)
+        data = package_bytes(fm, ["open_door", "close_door"])
+        for n, front in enumerate((a, b)):
+            with Connection(f"127.0.0.1:{front.port}", token, retries=0) as conn:
+                assert not conn.upload(data, f"u-{n}", f"task-{n:02d}", n, fm.digest).duplicate
+        with Connection(f"127.0.0.1:{a.port}", token, retries=0) as conn, pytest.raises(grpc.RpcError) as exc:
+            conn.upload(data, "u-2", "task-02", 2, fm.digest)
+        assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert "2 uploads per minute" in exc.value.details()  # type: ignore[attr-defined]
+        # an upload begun on one front-end is resumed on the other: the partial lives in the shared dir
+        assert a.service.partials.root == b.service.partials.root == shared / "partial-uploads"
+    finally:
+        a.stop(grace=1)
+        b.stop(grace=1)

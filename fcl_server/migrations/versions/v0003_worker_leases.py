@@ -1,4 +1,4 @@
-"""Distillation workers in their own processes: a job records its worker and lease; a workers table.
+"""Several processes: a job records its worker and lease; workers and rate-limit buckets in tables.
 
 Existing rows keep their data: a job gets worker '' and lease_until 0 (a running job of 0.1.0 has an
 expired lease, so any worker may take it up again, as a restart did before).
@@ -37,9 +37,17 @@ def upgrade() -> None:
         sa.Column("heartbeat", REAL, nullable=False),
         sa.Column("job_id", BIGINT, nullable=False, server_default=sa.text("0")),
     )
+    op.create_table(
+        "rate_buckets",
+        sa.Column("name", TEXT, primary_key=True),
+        sa.Column("key", TEXT, primary_key=True),
+        sa.Column("tokens", REAL, nullable=False),
+        sa.Column("updated", REAL, nullable=False),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("rate_buckets")
     op.drop_table("workers")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("lease_until")
