@@ -20,6 +20,7 @@ from fcl_server.state import GLOBAL, PERSONAL, HeadVersion, Job, JobState
 _JOB_STATES = {
     JobState.QUEUED: pb.JOB_STATE_QUEUED,
     JobState.RUNNING: pb.JOB_STATE_RUNNING,
+    JobState.PERSONALIZING: pb.JOB_STATE_RUNNING,  # G is published; the personalised head is being made
     JobState.DONE: pb.JOB_STATE_DONE,
     JobState.FAILED: pb.JOB_STATE_FAILED,
     JobState.SUPERSEDED: pb.JOB_STATE_SUPERSEDED,

@@ -49,7 +49,7 @@ h1 { font-size: 21px; margin: 0 0 4px; } h2 { font-size: 16px; margin: 24px 0 8p
 table { border-collapse: collapse; font-size: 13px; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid #d9dee5; padding: 3px 8px; text-align: left; } th { background: #f2f4f7; }
 td.num { text-align: right; } .state { font-weight: 600; border-radius: 3px; padding: 0 5px; }
-.state-done { color: #1a7f37; } .state-running { color: #9a6700; background: #fff8c5; }
+.state-done { color: #1a7f37; } .state-running, .state-personalizing { color: #9a6700; background: #fff8c5; }
 .state-queued { color: #0550ae; } .state-failed { color: #cf222e; background: #ffebe9; }
 .state-superseded { color: #6e7781; } .empty { color: #6e7781; font-style: italic; }
 .chart { max-width: 100%; height: auto; }

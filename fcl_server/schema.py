@@ -83,6 +83,7 @@ jobs = sa.Table(
     # revision 0003: the worker running the job, and until when its claim holds without a heartbeat
     sa.Column("worker", TEXT, nullable=False, server_default=EMPTY),
     sa.Column("lease_until", REAL, nullable=False, server_default=ZERO),
+    sa.Column("bank_blob", TEXT, nullable=False, server_default=EMPTY),  # 0003: the bank G was fitted on
     sa.Index("jobs_state", "state", "job_id"),
     sqlite_autoincrement=True,  # job ids never repeat, even after the newest job's row is gone
 )

@@ -47,7 +47,8 @@ class LeaseLost(RuntimeError):
 
 class JobState(StrEnum):
     QUEUED = "queued"
-    RUNNING = "running"
+    RUNNING = "running"  # its global step: one job at a time
+    PERSONALIZING = "personalizing"  # G published; its personalised head is being fitted
     DONE = "done"
     FAILED = "failed"
     SUPERSEDED = "superseded"
@@ -55,6 +56,9 @@ class JobState(StrEnum):
     @property
     def final(self) -> bool:
         return self in (JobState.DONE, JobState.FAILED, JobState.SUPERSEDED)
+
+
+_CLAIMED = (JobState.RUNNING.value, JobState.PERSONALIZING.value)  # job states a worker holds a lease on
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class Job:
     personal_version: int
     worker: str = ""  # the worker that runs (or last ran) it
     attempts: int = 0  # times a worker claimed it
+    bank_blob: str = ""  # the statistics bank its global step fitted G on (set once G is published)
 
 
 @dataclass(frozen=True)
@@ -403,8 +408,10 @@ class State:
         """Oldest queued job, now running under `worker`'s lease; a client's older queued jobs are
         superseded by its newest.
 
-        Jobs run one at a time across every worker, in job order (OBOD is one-by-one): while a job runs
-        under a live lease, nothing is claimed. A running job whose lease ran out (its worker died) is
+        Global steps run one at a time across every worker, in job order (OBOD is one-by-one): while a
+        job is RUNNING under a live lease, no other global step is claimed, and the worker is given a
+        job to personalise instead, if there is one (PERSONALIZING, unclaimed or its lease ran out;
+        a client's personal heads in job order). A job whose lease ran out (its worker died) is
         claimed again. Claims are serialised by a transaction-scoped advisory lock on PostgreSQL (the
         candidate row is also taken FOR UPDATE SKIP LOCKED) and by BEGIN IMMEDIATE on SQLite.
         """
@@ -418,7 +425,7 @@ class State:
                 sa.select(j.job_id).where(j.state == JobState.RUNNING.value, j.lease_until >= now).limit(1)
             ).first()
             if live is not None:
-                return None
+                return self._claim_personal(db, worker, lease_s, now)
             expired = sa.and_(j.state == JobState.RUNNING.value, j.lease_until < now)
             while True:
                 pick = sa.select(jobs).where(sa.or_(queued, expired)).order_by(j.job_id).limit(1)
@@ -426,7 +433,7 @@ class State:
                     pick = pick.with_for_update(skip_locked=True)
                 row = db.execute(pick).first()
                 if row is None:
-                    return None
+                    return self._claim_personal(db, worker, lease_s, now)
                 newer = None
                 if row.state == JobState.QUEUED.value:
                     newer = db.execute(
@@ -459,13 +466,40 @@ class State:
             claimed = db.execute(sa.select(jobs).where(j.job_id == row.job_id)).one()
             return _job(claimed._mapping)
 
+    def _claim_personal(self, db: sa.Connection, worker: str, lease_s: float, now: float) -> Job | None:
+        """The oldest job whose personalised head nobody fits now, and no older one of its client waits."""
+        j = jobs.c
+        older = jobs.alias("older")
+        waiting = sa.exists().where(
+            older.c.client_id == j.client_id,
+            older.c.state == JobState.PERSONALIZING.value,
+            older.c.job_id < j.job_id,
+        )
+        pick = (
+            sa.select(jobs)
+            .where(j.state == JobState.PERSONALIZING.value, j.lease_until < now, ~waiting)
+            .order_by(j.job_id)
+            .limit(1)
+        )
+        if db.dialect.name == "postgresql":
+            pick = pick.with_for_update(skip_locked=True, of=jobs)
+        row = db.execute(pick).first()
+        if row is None:
+            return None
+        db.execute(
+            jobs.update()
+            .where(j.job_id == row.job_id)
+            .values(worker=worker, lease_until=now + lease_s, attempts=j.attempts + 1)
+        )
+        return _job(db.execute(sa.select(jobs).where(j.job_id == row.job_id)).one()._mapping)
+
     def renew_lease(self, job_id: int, worker: str, lease_s: float) -> bool:
         """Extend `worker`'s lease on its running job; False when the job is no longer its own."""
         j = jobs.c
         with self.tx() as db:
             done = db.execute(
                 jobs.update()
-                .where(j.job_id == job_id, j.state == JobState.RUNNING.value, j.worker == worker)
+                .where(j.job_id == job_id, j.state.in_(_CLAIMED), j.worker == worker)
                 .values(lease_until=time.time() + lease_s)
             ).rowcount
         return bool(done)
@@ -477,18 +511,23 @@ class State:
         mine = sa.or_(j.worker == worker, j.lease_until < time.time())
         with self.tx() as db:
             query = jobs.update().where(j.state == JobState.RUNNING.value, mine)
-            return db.execute(
+            count = db.execute(
                 query.values(state=JobState.QUEUED.value, started=0, worker="", lease_until=0)
             ).rowcount
+            # a personalising job keeps its published G: only its claim is released
+            personalising = jobs.update().where(j.state == JobState.PERSONALIZING.value, mine)
+            db.execute(personalising.values(worker="", lease_until=0))
+            return int(count)
 
     def requeue_job(self, job_id: int, worker: str = "") -> None:
         """Put a job that was interrupted (not failed) back at its place in the queue."""
         j = jobs.c
         with self.tx() as db:
-            query = jobs.update().where(
-                j.job_id == job_id, j.state == JobState.RUNNING.value, j.worker == worker
-            )
-            db.execute(query.values(state=JobState.QUEUED.value, started=0, worker="", lease_until=0))
+            mine = sa.and_(j.job_id == job_id, j.worker == worker)
+            running = jobs.update().where(mine, j.state == JobState.RUNNING.value)
+            db.execute(running.values(state=JobState.QUEUED.value, started=0, worker="", lease_until=0))
+            personalising = jobs.update().where(mine, j.state == JobState.PERSONALIZING.value)
+            db.execute(personalising.values(worker="", lease_until=0))
 
     # -- rate limits ---------------------------------------------------------------------------------
     def update_bucket(
@@ -550,7 +589,7 @@ class State:
         with self.tx() as db:
             db.execute(
                 jobs.update()
-                .where(j.job_id == job_id, j.state == JobState.RUNNING.value, j.worker == worker)
+                .where(j.job_id == job_id, j.state.in_(_CLAIMED), j.worker == worker)
                 .values(state=JobState.FAILED.value, message=message[:2000], finished=time.time())
             )
 
@@ -565,58 +604,113 @@ class State:
         worker: str = "",
         based_on: int | None = None,
     ) -> tuple[int, int]:
-        """Atomically publish the new heads, labels and statistics bank, and mark the job done.
+        """Publish both steps of a job at once: complete_global and complete_personal in one transaction."""
+        with self.tx() as db:
+            gv = self._publish_global(
+                db, job, global_blob, num_labels, new_labels, bank_blob, worker, based_on
+            )
+            pv = self._publish_personal(db, job, personal_blob, num_labels, worker)
+            return gv, pv
 
-        Applied exactly once: the job must still be running under `worker`, and G must still be at
+    def complete_global(
+        self,
+        job: Job,
+        global_blob: str,
+        num_labels: int,
+        new_labels: list[str],
+        bank_blob: str | None,
+        worker: str = "",
+        based_on: int | None = None,
+    ) -> int:
+        """Publish G's new version, its new labels and the statistics bank; the job goes on to have its
+        personalised head fitted (PERSONALIZING), still this worker's, and the next global step may run.
+
+        Applied exactly once: the job must still be RUNNING under `worker`, and G must still be at
         version `based_on` (the one the job started from), else LeaseLost and nothing is written.
         """
-        now = time.time()
         with self.tx() as db:
-            gv = _next_version(db, GLOBAL, "")
-            owner = db.execute(
-                sa.select(jobs.c.state, jobs.c.worker).where(jobs.c.job_id == job.job_id)
-            ).one()
-            if owner.state != JobState.RUNNING.value or owner.worker != worker:
-                raise LeaseLost(
-                    f"job {job.job_id} is no longer this worker's ({owner.state}, {owner.worker!r})"
-                )
-            if based_on is not None and gv != based_on + 1:
-                raise LeaseLost(f"job {job.job_id} started from G v{based_on}, but G is at v{gv - 1} now")
-            pv = _next_version(db, PERSONAL, job.client_id)
-            for scope, client_id, version, blob in (
-                (GLOBAL, "", gv, global_blob),
-                (PERSONAL, job.client_id, pv, personal_blob),
-            ):
-                db.execute(
-                    heads.insert().values(
-                        scope=scope,
-                        client_id=client_id,
-                        version=version,
-                        blob=blob,
-                        job_id=job.job_id,
-                        num_labels=num_labels,
-                        created=now,
-                    )
-                )
-            top = db.execute(sa.select(sa.func.max(labels.c.id))).scalar()
-            next_id = 0 if top is None else int(top) + 1
-            for name in new_labels:
-                if _insert_ignore(db, labels, {"name": name, "id": next_id}):
-                    next_id += 1
-            if bank_blob is not None:
-                _upsert(db, kv, {"key": "stats_bank", "value": bank_blob})
+            gv = self._publish_global(
+                db, job, global_blob, num_labels, new_labels, bank_blob, worker, based_on
+            )
             db.execute(
                 jobs.update()
                 .where(jobs.c.job_id == job.job_id)
-                .values(
-                    state=JobState.DONE.value,
-                    message="",
-                    finished=now,
-                    global_version=gv,
-                    personal_version=pv,
-                )
+                .values(state=JobState.PERSONALIZING.value, global_version=gv, bank_blob=bank_blob or "")
             )
-            return gv, pv
+            return gv
+
+    def complete_personal(self, job: Job, personal_blob: str, num_labels: int, worker: str = "") -> int:
+        """Publish the client's new personalised head and mark the job done (once: LeaseLost otherwise)."""
+        with self.tx() as db:
+            return self._publish_personal(db, job, personal_blob, num_labels, worker)
+
+    def _owned(self, db: sa.Connection, job: Job, state: JobState, worker: str) -> None:
+        owner = db.execute(sa.select(jobs.c.state, jobs.c.worker).where(jobs.c.job_id == job.job_id)).one()
+        if owner.state != state.value or owner.worker != worker:
+            raise LeaseLost(f"job {job.job_id} is no longer this worker's ({owner.state}, {owner.worker!r})")
+
+    def _publish_global(
+        self,
+        db: sa.Connection,
+        job: Job,
+        global_blob: str,
+        num_labels: int,
+        new_labels: list[str],
+        bank_blob: str | None,
+        worker: str,
+        based_on: int | None,
+    ) -> int:
+        self._owned(db, job, JobState.RUNNING, worker)
+        gv = _next_version(db, GLOBAL, "")
+        if based_on is not None and gv != based_on + 1:
+            raise LeaseLost(f"job {job.job_id} started from G v{based_on}, but G is at v{gv - 1} now")
+        db.execute(
+            heads.insert().values(
+                scope=GLOBAL,
+                client_id="",
+                version=gv,
+                blob=global_blob,
+                job_id=job.job_id,
+                num_labels=num_labels,
+                created=time.time(),
+            )
+        )
+        top = db.execute(sa.select(sa.func.max(labels.c.id))).scalar()
+        next_id = 0 if top is None else int(top) + 1
+        for name in new_labels:
+            if _insert_ignore(db, labels, {"name": name, "id": next_id}):
+                next_id += 1
+        if bank_blob is not None:
+            _upsert(db, kv, {"key": "stats_bank", "value": bank_blob})
+        # the job row is RUNNING until its caller moves it on: complete_job straight to DONE
+        db.execute(jobs.update().where(jobs.c.job_id == job.job_id).values(global_version=gv))
+        return gv
+
+    def _publish_personal(
+        self, db: sa.Connection, job: Job, personal_blob: str, num_labels: int, worker: str
+    ) -> int:
+        current = db.execute(sa.select(jobs.c.state).where(jobs.c.job_id == job.job_id)).scalar_one()
+        phase = JobState.RUNNING if current == JobState.RUNNING.value else JobState.PERSONALIZING
+        self._owned(db, job, phase, worker)
+        now = time.time()
+        pv = _next_version(db, PERSONAL, job.client_id)
+        db.execute(
+            heads.insert().values(
+                scope=PERSONAL,
+                client_id=job.client_id,
+                version=pv,
+                blob=personal_blob,
+                job_id=job.job_id,
+                num_labels=num_labels,
+                created=now,
+            )
+        )
+        db.execute(
+            jobs.update()
+            .where(jobs.c.job_id == job.job_id)
+            .values(state=JobState.DONE.value, message="", finished=now, personal_version=pv)
+        )
+        return pv
 
     # -- heads, labels, metrics, kv -------------------------------------------------------------
     def head(self, scope: str, client_id: str, version: int = 0) -> HeadVersion | None:
@@ -738,4 +832,5 @@ def _job(row: sa.RowMapping) -> Job:
         personal_version=int(row["personal_version"]),
         worker=str(row["worker"]),
         attempts=int(row["attempts"]),
+        bank_blob=str(row["bank_blob"]),
     )

@@ -12,7 +12,15 @@ from collections.abc import Callable
 
 import torch
 
-from common.algorithms.obod import Cancelled, Head, Teacher, run_job
+from common.algorithms.obod import (
+    Cancelled,
+    Head,
+    Teacher,
+    global_step,
+    personalise,
+    synthesise,
+    undescribed_labels,
+)
 from common.algorithms.stats import StatsBank
 from common.config import OBODConfig
 from common.logs import fields
@@ -20,7 +28,7 @@ from common.package import KnowledgePackage, decode_package, decode_stats, encod
 from fcl_server.blobs import BlobStore
 from fcl_server.fm_host import FMHost
 from fcl_server.service import InFlight, JobNotifier
-from fcl_server.state import DEFAULT_LEASE_S, GLOBAL, Job, LeaseLost, State
+from fcl_server.state import DEFAULT_LEASE_S, GLOBAL, Job, JobState, LeaseLost, State
 
 log = logging.getLogger(__name__)
 JobObserver = Callable[[str, float], None]  # (outcome: done | failed | interrupted, seconds)
@@ -60,6 +68,7 @@ class DistillationWorker:
         max_yield_s: float = 0.0,
         worker_id: str = "",
         lease_s: float = DEFAULT_LEASE_S,
+        poll_s: float = 1.0,
     ) -> None:
         self.state, self.blobs, self.fm_host, self.cfg = state, blobs, fm_host, cfg
         self.nice = nice
@@ -76,6 +85,8 @@ class DistillationWorker:
         # jobs are claimed under a lease that a heartbeat renews; a worker that dies loses it, and
         # another worker (or this one, restarted) runs the job again
         self.worker_id = worker_id or default_worker_id("serve")
+        # an idle worker looks at the queue this often; its own server's uploads also wake it at once
+        self.poll_s = poll_s
         self.lease_s = lease_s
         self.job_id = 0  # the running job, 0 when idle
         self._lost = threading.Event()  # the running job's lease was taken back
@@ -127,7 +138,7 @@ class DistillationWorker:
         while not self._stop.is_set():
             job = self.state.claim_next_job(self.worker_id, self.lease_s)
             if job is None:
-                tick = self.notifier.wait(tick, timeout=1.0)
+                tick = self.notifier.wait(tick, timeout=self.poll_s)
                 continue
             self.busy, self.job_id = True, job.job_id
             self._lost.clear()
@@ -208,31 +219,45 @@ class DistillationWorker:
         return self._stop.is_set() or self._lost.is_set()
 
     def _distill(self, job: Job) -> tuple[int, int]:
+        """The job's global step (RUNNING), then its personal step; a job claimed while PERSONALIZING
+        (its worker stopped after publishing G) gets the personal step only, on the G it published."""
         self.yielded_s = 0.0
         self._checkpoint()
         pkg = decode_package(self.blobs.read(job.blob))
         teacher = Teacher.from_package(pkg, self.device)
-        current, based_on = self._global_head()
         public = self.fm_host.public_features()
-        out = run_job(
-            current,
-            self._bank(),
-            teacher,
-            pkg.stats,
-            public,
-            self.cfg,
-            seed=job.job_id,
-            cancel=self._checkpoint,
-        )
-        digest = self.fm_host.info.digest
-        g_blob = self.blobs.put_bytes(encode_package(_head_package(out.global_head, digest)))
-        p_blob = self.blobs.put_bytes(encode_package(_head_package(out.personal_head, digest)))
-        bank_blob = self.blobs.put_bytes(encode_stats(out.bank)) if out.bank.stats else None
-        known = set(current.labels) if current else set()
-        new_labels = [y for y in out.global_head.labels if y not in known]
-        return self.state.complete_job(
-            job, g_blob, p_blob, len(out.global_head.labels), new_labels, bank_blob, self.worker_id, based_on
-        )
+        seed, cancel = job.job_id, self._checkpoint
+        if job.state is JobState.RUNNING:
+            current, based_on = self._global_head()
+            step = global_step(current, self._bank(), teacher, pkg.stats, public, self.cfg, seed, cancel)
+            head, bank, synth = step.global_head, step.bank, step.synth
+            digest = self.fm_host.info.digest
+            g_blob = self.blobs.put_bytes(encode_package(_head_package(head, digest)))
+            bank_blob = self.blobs.put_bytes(encode_stats(bank)) if bank.stats else None
+            known = set(current.labels) if current else set()
+            new_labels = [y for y in head.labels if y not in known]
+            version = self.state.complete_global(
+                job, g_blob, len(head.labels), new_labels, bank_blob, self.worker_id, based_on
+            )
+        else:
+            version = job.global_version
+            head = self._head_at(version)
+            bank = decode_stats(self.blobs.read(job.bank_blob)) if job.bank_blob else self._empty_bank()
+            synth = synthesise(teacher, undescribed_labels(teacher, pkg.stats), public, self.cfg, seed)
+        # from here on the next upload's global step may run on another worker
+        personal = personalise(head, teacher, public, bank, self.cfg, seed, cancel, synth)
+        p_blob = self.blobs.put_bytes(encode_package(_head_package(personal, self.fm_host.info.digest)))
+        return version, self.state.complete_personal(job, p_blob, len(personal.labels), self.worker_id)
+
+    def _head_at(self, version: int) -> Head:
+        found = self.state.head(GLOBAL, "", version)
+        if found is None:
+            raise RuntimeError(f"global head v{version} is missing from the database")
+        pkg = decode_package(self.blobs.read(found.blob))
+        return Head(pkg.build().to(self.device), pkg.labels)
+
+    def _empty_bank(self) -> StatsBank:
+        return StatsBank(self.fm_host.info.feature_dim)
 
     def _global_head(self) -> tuple[Head | None, int]:
         """G as the database has it now, and its version (0: none yet)."""

@@ -19,6 +19,9 @@ from fcl_server.state import State
 from fcl_server.worker import DistillationWorker, default_worker_id
 
 log = logging.getLogger(__name__)
+# nothing in a worker process is told of new jobs: it polls, often enough to pick up the next global
+# step while another worker personalises (a query on an index, a few per second per worker)
+POLL_S = 0.2
 
 
 @dataclass
@@ -56,6 +59,7 @@ def create_worker(
         nice=config.worker_nice,
         worker_id=worker_id or default_worker_id("worker"),
         lease_s=config.lease_s,
+        poll_s=POLL_S,
     )
     worker.start()
     log.info("fcl-server worker %s on %s, FM %s %s", worker.worker_id, state.url, fm.name, fm.digest[:12])

@@ -171,6 +171,8 @@ def snapshot(server: RunningServer) -> dict[str, list[Any]]:
         out = {name: sorted(db.execute(f"SELECT * FROM {name}").fetchall()) for name in names}
     finally:
         db.close()
+    # rate accounting, not stored data: a refused upload was still sent, and its bytes count
+    out.pop("rate_buckets", None)
     # an upload id stays bound while bytes of it are held for a resume; a binding without them leaks
     out["upload_reservations"] = [
         r for r in out["upload_reservations"] if r[1] not in held_parts(server.state_dir, r[0])

@@ -115,6 +115,7 @@ def snapshot(server: RunningServer) -> dict[str, Any]:
         out: dict[str, Any] = {name: sorted(db.execute(f"SELECT * FROM {name}").fetchall()) for name in names}
     finally:
         db.close()
+    out.pop("rate_buckets", None)  # rate accounting, not stored data: bytes sent count even when refused
     out["files"] = sorted(
         (str(p.relative_to(server.state_dir)), p.stat().st_size)
         for p in server.state_dir.rglob("*")

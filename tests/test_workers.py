@@ -1,11 +1,13 @@
 """Scale-out on PostgreSQL: a gRPC front-end without a worker and two worker processes, real processes.
 
-Jobs run one at a time, in job order, each applied to G exactly once; a worker killed mid-job loses
-its lease and the other worker runs the job again; clients follow their jobs on the front-end.
+Global steps run one at a time, in job order, each applied to G exactly once, while another worker
+personalises the job before; a worker killed mid-job loses its lease and the other runs the job
+again; clients follow their jobs on the front-end.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -137,6 +139,8 @@ def test_two_workers_apply_every_job_once_in_order_and_survive_a_kill(
 
     done = sorted((j for j in c.state.jobs() if j.state is JobState.DONE), key=lambda j: j.job_id)
     assert [j.job_id for j in done] == [*jobs, job_id]
+    # pipelined: a job's global step began while the one before it was still being personalised
+    assert any(later.started < earlier.finished for earlier, later in itertools.pairwise(done[:3]))
     # exactly once, one by one in job order: G v1..v4 from jobs 1..4, each version from one job
     assert [j.global_version for j in done] == [1, 2, 3, 4]
     heads = [c.state.head(GLOBAL, "", version=v) for v in (1, 2, 3, 4)]

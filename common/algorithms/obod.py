@@ -66,13 +66,39 @@ def run_job(
 
     Inputs are not modified; the server persists the outcome atomically, the benchmark keeps it in memory.
     """
+    step = global_step(global_head, bank, teacher, teacher_stats, public, cfg, seed, cancel)
+    personal = personalise(step.global_head, teacher, public, step.bank, cfg, seed, cancel, step.synth)
+    return JobOutcome(step.global_head, personal, step.bank)
+
+
+@dataclass
+class GlobalStep:
+    global_head: Head
+    bank: StatsBank  # the server's bank with this upload merged in
+    synth: Synthesised  # the teacher's inverted features (deterministic in the seed: `synthesise` again)
+
+
+def global_step(
+    global_head: Head | None,
+    bank: StatsBank,
+    teacher: Teacher,
+    teacher_stats: StatsBank | None,
+    public: torch.Tensor,
+    cfg: OBODConfig,
+    seed: int = 0,
+    cancel: Callable[[], bool] | None = None,
+) -> GlobalStep:
+    """Steps 1-3 of a job, the part that must run one upload at a time: merge, invert, update G.
+
+    Personalising (`personalise`) needs only its result, so a server may run it beside the next
+    upload's global step.
+    """
     merged = merged_bank(bank, teacher_stats)
     synth = synthesise(teacher, undescribed_labels(teacher, teacher_stats), public, cfg, seed)
     if cfg.synth_stats:
         merged.merge_bank(synthetic_stats(synth, teacher.counts, set(synth.labels), cfg.synth_rank))
     new_global = distill_global(global_head, teacher, public, merged, cfg, seed, cancel, synth)
-    personal = personalise(new_global, teacher, public, merged, cfg, seed, cancel, synth)
-    return JobOutcome(new_global, personal, merged)
+    return GlobalStep(new_global, merged, synth)
 
 
 def merged_bank(bank: StatsBank, upload: StatsBank | None) -> StatsBank:

@@ -28,6 +28,7 @@ def upgrade() -> None:
     # ADD COLUMN, not a batch copy: SQLite keeps the table as it is (its AUTOINCREMENT sequence too)
     op.add_column("jobs", sa.Column("worker", TEXT, nullable=False, server_default=sa.text("''")))
     op.add_column("jobs", sa.Column("lease_until", REAL, nullable=False, server_default=sa.text("0")))
+    op.add_column("jobs", sa.Column("bank_blob", TEXT, nullable=False, server_default=sa.text("''")))
     op.create_table(
         "workers",
         sa.Column("worker_id", TEXT, primary_key=True),
@@ -50,5 +51,6 @@ def downgrade() -> None:
     op.drop_table("rate_buckets")
     op.drop_table("workers")
     with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("bank_blob")
         batch.drop_column("lease_until")
         batch.drop_column("worker")
