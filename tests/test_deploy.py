@@ -237,8 +237,11 @@ def compose() -> dict[str, Any]:
 
 
 def service_argv(compose: dict[str, Any], name: str) -> list[list[str]]:
-    """The commands a compose service runs: entrypoint (or its image stage's) + command, shells read."""
+    """The commands a compose service runs: entrypoint (or its image stage's) + command, shells read.
+    Nothing for a service of another image (postgres)."""
     svc = compose["services"][name]
+    if "build" not in svc:
+        return []
     entrypoint = svc.get("entrypoint") or exec_form(stage_value("ENTRYPOINT", svc["build"]["target"]))
     command = svc.get("command") or []
     if entrypoint[0] == "sh":
@@ -312,6 +315,215 @@ def test_compose_init_steps_make_certificates_data_and_tokens(compose: dict[str,
     assert "--state-dir /var/lib/fcl" in script and "/secrets/$$id.token" in script
     assert all(cid in script for cid in CLIENT_IDS)
     assert "server-state:/var/lib/fcl" in services["enroll"]["volumes"]
+
+
+# the value `${FCL_PG_PASSWORD:?...}` takes in the tests (deploy/.env in real use)
+COMPOSE_ENV = {"FCL_PG_PASSWORD": "pw-of-the-test"}
+
+
+def interpolate(text: str, values: dict[str, str]) -> str:
+    """Compose's `${VAR}`, `${VAR:?error}` and `${VAR:-default}`; `$$` stays for service_argv."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$$"
+        name, op, rest = m.group(1), m.group(2), m.group(3)
+        if name in values:
+            return values[name]
+        assert op in (":-", "-"), f"${{{name}}} is not set: {rest}"
+        return rest
+
+    return re.sub(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}", sub, text)
+
+
+@pytest.fixture(scope="module")
+def compose_scale() -> dict[str, Any]:
+    text = (DEPLOY / "compose.scale.yaml").read_text()
+    data = yaml.safe_load(interpolate(text, COMPOSE_ENV))
+    assert isinstance(data, dict)
+    return data
+
+
+def service_env(compose: dict[str, Any], name: str) -> dict[str, str]:
+    env = compose["services"][name].get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def run_service(compose: dict[str, Any], name: str) -> list[Any]:
+    """Every fcl command of the service, parsed with the service's environment."""
+    env = service_env(compose, name)
+    return [parse(argv, env) for argv in service_argv(compose, name) if Path(argv[0]).name in PARSERS]
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """mount path -> volume name"""
+    return {m.split(":")[1]: m.split(":")[0] for m in service.get("volumes", [])}
+
+
+def roles(compose: dict[str, Any], program: str) -> list[str]:
+    """The services running `program` (e.g. "fcl-server serve"), by name."""
+    return sorted(
+        n for n in compose["services"] if [a[:2] for a in service_argv(compose, n)] == [program.split()]
+    )
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.scale.yaml"])
+def test_compose_every_fcl_command_line_and_health_check_is_accepted(name: str) -> None:
+    text = (DEPLOY / name).read_text()
+    compose = yaml.safe_load(interpolate(text, COMPOSE_ENV))
+    count = 0
+    for service, svc in compose["services"].items():
+        if "build" in svc:
+            count += len(run_service(compose, service))
+        test = svc.get("healthcheck", {}).get("test")
+        if test and "/opt/fcl/healthcheck.py" in test:
+            parse(["healthcheck.py", *test[test.index("/opt/fcl/healthcheck.py") + 1 :]])
+    assert count == {"compose.yaml": 6, "compose.scale.yaml": 10}[name]
+    used = {m.split(":")[0] for s in compose["services"].values() for m in s.get("volumes", [])}
+    assert used == set(compose["volumes"])
+    other = ({"compose.yaml", "compose.scale.yaml"} - {name}).pop()
+    assert compose["name"] and other in text, "each variant's header names the other"
+
+
+def test_compose_scale_postgres_is_health_checked_and_its_password_comes_from_the_environment(
+    compose_scale: dict[str, Any],
+) -> None:
+    text = (DEPLOY / "compose.scale.yaml").read_text()
+    assert set(re.findall(r"\$\{([^}]*)\}", text)) == {
+        "FCL_PG_PASSWORD:?set FCL_PG_PASSWORD, e.g. in deploy/.env"
+    }
+    with pytest.raises(AssertionError, match=r"FCL_PG_PASSWORD\} is not set"):
+        interpolate(text, {})
+    pg = compose_scale["services"]["postgres"]
+    image, tag = pg["image"].rsplit(":", 1)
+    assert image == "postgres" and tag in ("15", "16")
+    env = pg["environment"]
+    assert env["POSTGRES_PASSWORD"] == COMPOSE_ENV["FCL_PG_PASSWORD"]
+    assert mounts(pg)["/var/lib/postgresql/data"] == "pg-data"
+    assert "ports" not in pg, "PostgreSQL is reached only inside the compose network"
+    test = pg["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "pg_isready"]
+    assert flag(test, "--username") == env["POSTGRES_USER"] and flag(test, "--dbname") == env["POSTGRES_DB"]
+    users = [n for n in compose_scale["services"] if "FCL_DATABASE" in service_env(compose_scale, n)]
+    assert users == [
+        "db-upgrade",
+        "enroll",
+        *roles(compose_scale, "fcl-server serve"),
+        *roles(compose_scale, "fcl-server worker"),
+    ]
+    for name in users:
+        url = make_url(service_env(compose_scale, name)["FCL_DATABASE"])
+        assert url.drivername == "postgresql+psycopg" and url.host == "postgres" and url.port == 5432
+        assert (url.username, url.password, url.database) == (
+            env["POSTGRES_USER"],
+            env["POSTGRES_PASSWORD"],
+            env["POSTGRES_DB"],
+        )
+
+
+def test_compose_scale_upgrades_the_database_once_then_enrolls_into_it(compose_scale: dict[str, Any]) -> None:
+    services = compose_scale["services"]
+    url = service_env(compose_scale, "db-upgrade")["FCL_DATABASE"]
+    (upgrade,) = run_service(compose_scale, "db-upgrade")
+    assert (upgrade.command, upgrade.db_command, upgrade.database) == ("db", "upgrade", url)
+    assert services["db-upgrade"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["db-upgrade"]["restart"] == "on-failure"
+    assert services["db-upgrade"]["healthcheck"] == {"disable": True}
+    enrolls = run_service(compose_scale, "enroll")
+    assert [(e.command, e.database, e.state_dir) for e in enrolls] == [("enroll", url, None)]
+    script = services["enroll"]["command"][0]
+    assert "/secrets/$$id.token" in script and all(cid in script for cid in CLIENT_IDS)
+    assert mounts(services["enroll"]) == {"/secrets": "secrets"}
+    after = ["enroll", *roles(compose_scale, "fcl-server serve"), *roles(compose_scale, "fcl-server worker")]
+    for name in after:
+        assert services[name]["depends_on"]["db-upgrade"]["condition"] == "service_completed_successfully"
+
+
+def test_compose_scale_two_front_ends_share_the_blob_volume_and_are_health_checked(
+    compose_scale: dict[str, Any],
+) -> None:
+    services = compose_scale["services"]
+    fronts = roles(compose_scale, "fcl-server serve")
+    assert len(fronts) == 2
+    caches, host_ports = set(), set()
+    for name in fronts:
+        svc = services[name]
+        (args,) = run_service(compose_scale, name)
+        assert args.worker is False and "--no-worker" in svc["command"]
+        assert args.database == service_env(compose_scale, name)["FCL_DATABASE"]
+        assert "--database" not in svc["command"], "the URL holds the password: FCL_DATABASE only"
+        assert mounts(svc)[str(args.blob_dir)] == "blobs"
+        caches.add(mounts(svc)[str(args.state_dir)])
+        assert (args.tls_cert, args.tls_key, args.tls_client_ca) == (
+            Path("/certs/server.pem"),
+            Path("/certs/server.key"),
+            Path("/certs/ca.pem"),
+        )
+        test = svc["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "python", "/opt/fcl/healthcheck.py"]
+        probe = parse(["healthcheck.py", *test[3:]])
+        assert probe.target.rsplit(":", 1)[1] == args.listen.rsplit(":", 1)[1]
+        assert probe.tls_dir == Path("/certs")
+        host_ports |= {p.rsplit(":", 1)[0] for p in svc["ports"]}
+        assert all(p.startswith("127.0.0.1:") for p in svc["ports"])
+        assert svc["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+    assert len(caches) == 2 and "blobs" not in caches, "each front-end has its own cache volume"
+    assert len(host_ports) == 4, "gRPC and metrics of each front-end on their own host ports"
+    # the blob dir is a mount point the image creates for its user: a fresh named volume is writable
+    (mkdir,) = [r for _, i, r in dockerfile() if i == "RUN" and "mkdir -p" in r]
+    assert f" {args.blob_dir} " in mkdir.split("chown")[0] and f" {args.blob_dir} " in mkdir.split("chown")[1]
+
+
+def test_compose_scale_two_workers_with_their_own_ids_share_the_blob_volume(
+    compose_scale: dict[str, Any],
+) -> None:
+    services = compose_scale["services"]
+    front = run_service(compose_scale, roles(compose_scale, "fcl-server serve")[0])[0]
+    workers = roles(compose_scale, "fcl-server worker")
+    assert len(workers) == 2
+    ids, caches = set(), set()
+    for name in workers:
+        svc = services[name]
+        (args,) = run_service(compose_scale, name)
+        assert isinstance(args, WorkerSettings)
+        ids.add(args.worker_id)
+        assert args.database == service_env(compose_scale, name)["FCL_DATABASE"]
+        assert args.blob_dir == front.blob_dir and mounts(svc)[str(args.blob_dir)] == "blobs"
+        caches.add(mounts(svc)[str(args.state_dir)])
+        assert "ports" not in svc and svc["healthcheck"] == {"disable": True}, "a worker has no gRPC"
+        assert int(svc["stop_grace_period"].rstrip("s")) >= 130  # the worker's 120 s to re-queue a job
+    assert len(ids) == 2 and None not in ids
+    fronts = {mounts(services[n])[str(front.state_dir)] for n in roles(compose_scale, "fcl-server serve")}
+    assert len(caches) == 2 and not caches & (fronts | {"blobs"})
+
+
+def test_compose_scale_clients_dial_the_front_ends_over_mutual_tls(compose_scale: dict[str, Any]) -> None:
+    services = compose_scale["services"]
+    fronts = roles(compose_scale, "fcl-server serve")
+    assert roles(compose_scale, "fcl-client run") == CLIENT_IDS
+    certs = service_argv(compose_scale, "certs")[0]
+    assert certs[0] == "/opt/fcl/make-certs.sh"
+    assert set(certs[2].split(",")) == set(fronts), "the server certificate names every front-end"
+    assert set(certs[3:]) == {*CLIENT_IDS, "healthcheck"}
+    dialed, models = set(), set()
+    for name in CLIENT_IDS:
+        (args,) = run_service(compose_scale, name)
+        assert args.client_id == name and args.token_file == Path(f"/secrets/{name}.token")
+        host, port = args.server.rsplit(":", 1)
+        assert host in fronts and port == "50051"
+        dialed.add(host)
+        assert services[name]["depends_on"][host]["condition"] == "service_healthy"
+        assert (args.tls_ca, args.tls_cert, args.tls_key) == (
+            Path("/certs/ca.pem"),
+            Path(f"/certs/{name}.pem"),
+            Path(f"/certs/{name}.key"),
+        )
+        assert mounts(services[name])["/var/lib/fcl-client"] == f"{name}-work"
+        models.add(repr(parse_spec(args.model)))
+    assert dialed == set(fronts), "every front-end serves a client"
+    assert len(models) == 3
 
 
 # ---------------------------------------------------------------------------------------- Kubernetes
@@ -496,7 +708,7 @@ def test_k8s_every_fcl_command_line_is_accepted(setup: str, setups: dict[str, Ob
             for argv in container_commands(container, objects):
                 parse(argv, env)
                 count += 1
-    assert count >= {"single-node": 7, "scale": 13}[setup]
+    assert count == {"single-node": 10, "scale": 14}[setup]
 
 
 def test_k8s_server_statefulset_keeps_state_on_a_claim_and_probes_grpc_health(k8s: Objects) -> None:
