@@ -14,13 +14,14 @@ import shlex
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
 from common.datasets.cli import build_parser as data_parser
 from common.fm import FoundationModel
@@ -32,12 +33,13 @@ from fcl_client.connection import Connection
 from fcl_client.settings import RunSettings
 from fcl_server.app import RunningServer
 from fcl_server.cli import build_parser as server_parser
-from fcl_server.settings import ServeSettings
+from fcl_server.settings import ServeSettings, WorkerSettings
 from tests.servers import inprocess_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
+K8S_SCALE = K8S / "scale"
 SYSTEMD = DEPLOY / "systemd"
 CLIENT_IDS = ["client-0", "client-1", "client-2"]
 
@@ -69,24 +71,36 @@ def _options(parser: argparse.ArgumentParser, args: list[str]) -> set[str]:
 
 SETTINGS: dict[tuple[str, str], type[LayeredSettings]] = {
     ("fcl-server", "serve"): ServeSettings,
+    ("fcl-server", "worker"): WorkerSettings,
     ("fcl-client", "run"): RunSettings,
 }
 
 
 @contextlib.contextmanager
-def no_fcl_environment() -> Iterator[None]:
+def fcl_environment(env: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Only the FCL_* variables of `env` (those the deploy file gives the process) are set inside."""
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("FCL_")}
+    os.environ.update({k: v for k, v in (env or {}).items() if k.startswith("FCL_")})
     try:
         yield
     finally:
+        for key in [k for k in os.environ if k.startswith("FCL_")]:
+            del os.environ[key]
         os.environ.update(saved)
 
 
-def parse(argv: list[str]) -> Any:
+def parse(argv: list[str], env: Mapping[str, str] | None = None) -> Any:
     """Parse `argv` (program first) with the real parser; flags must be spelled out, not abbreviated.
 
-    `fcl-server serve` and `fcl-client run` options are then validated by their settings classes
-    (types, ranges, required options), which are returned instead of the argparse namespace."""
+    `env` is the process' environment: its FCL_* variables reach the parsers (e.g. FCL_DATABASE for
+    `enroll` and `db`) and the settings classes, as they would in the container.
+    `fcl-server serve`/`worker` and `fcl-client run` options are then validated by their settings
+    classes (types, ranges, required options), which are returned instead of the argparse namespace."""
+    with fcl_environment(env):
+        return _parse(argv)
+
+
+def _parse(argv: list[str]) -> Any:
     prog, *args = argv
     name = Path(prog).name
     assert name in PARSERS, f"not an fcl command: {argv}"
@@ -104,8 +118,7 @@ def parse(argv: list[str]) -> Any:
     if settings is None:
         return ns
     assert ns.config is None, "deploy files pass options as flags"
-    with no_fcl_environment():
-        return load_settings(settings, given_flags(ns, settings))
+    return load_settings(settings, given_flags(ns, settings))
 
 
 SHELL_PREFIXES = ("do", "then", "else", "exec", "if", "until", "while", "!", "python", "python3")
@@ -224,8 +237,11 @@ def compose() -> dict[str, Any]:
 
 
 def service_argv(compose: dict[str, Any], name: str) -> list[list[str]]:
-    """The commands a compose service runs: entrypoint (or its image stage's) + command, shells read."""
+    """The commands a compose service runs: entrypoint (or its image stage's) + command, shells read.
+    Nothing for a service of another image (postgres)."""
     svc = compose["services"][name]
+    if "build" not in svc:
+        return []
     entrypoint = svc.get("entrypoint") or exec_form(stage_value("ENTRYPOINT", svc["build"]["target"]))
     command = svc.get("command") or []
     if entrypoint[0] == "sh":
@@ -301,6 +317,215 @@ def test_compose_init_steps_make_certificates_data_and_tokens(compose: dict[str,
     assert "server-state:/var/lib/fcl" in services["enroll"]["volumes"]
 
 
+# the value `${FCL_PG_PASSWORD:?...}` takes in the tests (deploy/.env in real use)
+COMPOSE_ENV = {"FCL_PG_PASSWORD": "pw-of-the-test"}
+
+
+def interpolate(text: str, values: dict[str, str]) -> str:
+    """Compose's `${VAR}`, `${VAR:?error}` and `${VAR:-default}`; `$$` stays for service_argv."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$$"
+        name, op, rest = m.group(1), m.group(2), m.group(3)
+        if name in values:
+            return values[name]
+        assert op in (":-", "-"), f"${{{name}}} is not set: {rest}"
+        return rest
+
+    return re.sub(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}", sub, text)
+
+
+@pytest.fixture(scope="module")
+def compose_scale() -> dict[str, Any]:
+    text = (DEPLOY / "compose.scale.yaml").read_text()
+    data = yaml.safe_load(interpolate(text, COMPOSE_ENV))
+    assert isinstance(data, dict)
+    return data
+
+
+def service_env(compose: dict[str, Any], name: str) -> dict[str, str]:
+    env = compose["services"][name].get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def run_service(compose: dict[str, Any], name: str) -> list[Any]:
+    """Every fcl command of the service, parsed with the service's environment."""
+    env = service_env(compose, name)
+    return [parse(argv, env) for argv in service_argv(compose, name) if Path(argv[0]).name in PARSERS]
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """mount path -> volume name"""
+    return {m.split(":")[1]: m.split(":")[0] for m in service.get("volumes", [])}
+
+
+def roles(compose: dict[str, Any], program: str) -> list[str]:
+    """The services running `program` (e.g. "fcl-server serve"), by name."""
+    return sorted(
+        n for n in compose["services"] if [a[:2] for a in service_argv(compose, n)] == [program.split()]
+    )
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.scale.yaml"])
+def test_compose_every_fcl_command_line_and_health_check_is_accepted(name: str) -> None:
+    text = (DEPLOY / name).read_text()
+    compose = yaml.safe_load(interpolate(text, COMPOSE_ENV))
+    count = 0
+    for service, svc in compose["services"].items():
+        if "build" in svc:
+            count += len(run_service(compose, service))
+        test = svc.get("healthcheck", {}).get("test")
+        if test and "/opt/fcl/healthcheck.py" in test:
+            parse(["healthcheck.py", *test[test.index("/opt/fcl/healthcheck.py") + 1 :]])
+    assert count == {"compose.yaml": 6, "compose.scale.yaml": 10}[name]
+    used = {m.split(":")[0] for s in compose["services"].values() for m in s.get("volumes", [])}
+    assert used == set(compose["volumes"])
+    other = ({"compose.yaml", "compose.scale.yaml"} - {name}).pop()
+    assert compose["name"] and other in text, "each variant's header names the other"
+
+
+def test_compose_scale_postgres_is_health_checked_and_its_password_comes_from_the_environment(
+    compose_scale: dict[str, Any],
+) -> None:
+    text = (DEPLOY / "compose.scale.yaml").read_text()
+    assert set(re.findall(r"\$\{([^}]*)\}", text)) == {
+        "FCL_PG_PASSWORD:?set FCL_PG_PASSWORD, e.g. in deploy/.env"
+    }
+    with pytest.raises(AssertionError, match=r"FCL_PG_PASSWORD\} is not set"):
+        interpolate(text, {})
+    pg = compose_scale["services"]["postgres"]
+    image, tag = pg["image"].rsplit(":", 1)
+    assert image == "postgres" and tag in ("15", "16")
+    env = pg["environment"]
+    assert env["POSTGRES_PASSWORD"] == COMPOSE_ENV["FCL_PG_PASSWORD"]
+    assert mounts(pg)["/var/lib/postgresql/data"] == "pg-data"
+    assert "ports" not in pg, "PostgreSQL is reached only inside the compose network"
+    test = pg["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "pg_isready"]
+    assert flag(test, "--username") == env["POSTGRES_USER"] and flag(test, "--dbname") == env["POSTGRES_DB"]
+    users = [n for n in compose_scale["services"] if "FCL_DATABASE" in service_env(compose_scale, n)]
+    assert users == [
+        "db-upgrade",
+        "enroll",
+        *roles(compose_scale, "fcl-server serve"),
+        *roles(compose_scale, "fcl-server worker"),
+    ]
+    for name in users:
+        url = make_url(service_env(compose_scale, name)["FCL_DATABASE"])
+        assert url.drivername == "postgresql+psycopg" and url.host == "postgres" and url.port == 5432
+        assert (url.username, url.password, url.database) == (
+            env["POSTGRES_USER"],
+            env["POSTGRES_PASSWORD"],
+            env["POSTGRES_DB"],
+        )
+
+
+def test_compose_scale_upgrades_the_database_once_then_enrolls_into_it(compose_scale: dict[str, Any]) -> None:
+    services = compose_scale["services"]
+    url = service_env(compose_scale, "db-upgrade")["FCL_DATABASE"]
+    (upgrade,) = run_service(compose_scale, "db-upgrade")
+    assert (upgrade.command, upgrade.db_command, upgrade.database) == ("db", "upgrade", url)
+    assert services["db-upgrade"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["db-upgrade"]["restart"] == "on-failure"
+    assert services["db-upgrade"]["healthcheck"] == {"disable": True}
+    enrolls = run_service(compose_scale, "enroll")
+    assert [(e.command, e.database, e.state_dir) for e in enrolls] == [("enroll", url, None)]
+    script = services["enroll"]["command"][0]
+    assert "/secrets/$$id.token" in script and all(cid in script for cid in CLIENT_IDS)
+    assert mounts(services["enroll"]) == {"/secrets": "secrets"}
+    after = ["enroll", *roles(compose_scale, "fcl-server serve"), *roles(compose_scale, "fcl-server worker")]
+    for name in after:
+        assert services[name]["depends_on"]["db-upgrade"]["condition"] == "service_completed_successfully"
+
+
+def test_compose_scale_two_front_ends_share_the_blob_volume_and_are_health_checked(
+    compose_scale: dict[str, Any],
+) -> None:
+    services = compose_scale["services"]
+    fronts = roles(compose_scale, "fcl-server serve")
+    assert len(fronts) == 2
+    caches, host_ports = set(), set()
+    for name in fronts:
+        svc = services[name]
+        (args,) = run_service(compose_scale, name)
+        assert args.worker is False and "--no-worker" in svc["command"]
+        assert args.database == service_env(compose_scale, name)["FCL_DATABASE"]
+        assert "--database" not in svc["command"], "the URL holds the password: FCL_DATABASE only"
+        assert mounts(svc)[str(args.blob_dir)] == "blobs"
+        caches.add(mounts(svc)[str(args.state_dir)])
+        assert (args.tls_cert, args.tls_key, args.tls_client_ca) == (
+            Path("/certs/server.pem"),
+            Path("/certs/server.key"),
+            Path("/certs/ca.pem"),
+        )
+        test = svc["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "python", "/opt/fcl/healthcheck.py"]
+        probe = parse(["healthcheck.py", *test[3:]])
+        assert probe.target.rsplit(":", 1)[1] == args.listen.rsplit(":", 1)[1]
+        assert probe.tls_dir == Path("/certs")
+        host_ports |= {p.rsplit(":", 1)[0] for p in svc["ports"]}
+        assert all(p.startswith("127.0.0.1:") for p in svc["ports"])
+        assert svc["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+    assert len(caches) == 2 and "blobs" not in caches, "each front-end has its own cache volume"
+    assert len(host_ports) == 4, "gRPC and metrics of each front-end on their own host ports"
+    # the blob dir is a mount point the image creates for its user: a fresh named volume is writable
+    (mkdir,) = [r for _, i, r in dockerfile() if i == "RUN" and "mkdir -p" in r]
+    assert f" {args.blob_dir} " in mkdir.split("chown")[0] and f" {args.blob_dir} " in mkdir.split("chown")[1]
+
+
+def test_compose_scale_two_workers_with_their_own_ids_share_the_blob_volume(
+    compose_scale: dict[str, Any],
+) -> None:
+    services = compose_scale["services"]
+    front = run_service(compose_scale, roles(compose_scale, "fcl-server serve")[0])[0]
+    workers = roles(compose_scale, "fcl-server worker")
+    assert len(workers) == 2
+    ids, caches = set(), set()
+    for name in workers:
+        svc = services[name]
+        (args,) = run_service(compose_scale, name)
+        assert isinstance(args, WorkerSettings)
+        ids.add(args.worker_id)
+        assert args.database == service_env(compose_scale, name)["FCL_DATABASE"]
+        assert args.blob_dir == front.blob_dir and mounts(svc)[str(args.blob_dir)] == "blobs"
+        caches.add(mounts(svc)[str(args.state_dir)])
+        assert "ports" not in svc and svc["healthcheck"] == {"disable": True}, "a worker has no gRPC"
+        assert int(svc["stop_grace_period"].rstrip("s")) >= 130  # the worker's 120 s to re-queue a job
+    assert len(ids) == 2 and None not in ids
+    fronts = {mounts(services[n])[str(front.state_dir)] for n in roles(compose_scale, "fcl-server serve")}
+    assert len(caches) == 2 and not caches & (fronts | {"blobs"})
+
+
+def test_compose_scale_clients_dial_the_front_ends_over_mutual_tls(compose_scale: dict[str, Any]) -> None:
+    services = compose_scale["services"]
+    fronts = roles(compose_scale, "fcl-server serve")
+    assert roles(compose_scale, "fcl-client run") == CLIENT_IDS
+    certs = service_argv(compose_scale, "certs")[0]
+    assert certs[0] == "/opt/fcl/make-certs.sh"
+    assert set(certs[2].split(",")) == set(fronts), "the server certificate names every front-end"
+    assert set(certs[3:]) == {*CLIENT_IDS, "healthcheck"}
+    dialed, models = set(), set()
+    for name in CLIENT_IDS:
+        (args,) = run_service(compose_scale, name)
+        assert args.client_id == name and args.token_file == Path(f"/secrets/{name}.token")
+        host, port = args.server.rsplit(":", 1)
+        assert host in fronts and port == "50051"
+        dialed.add(host)
+        assert services[name]["depends_on"][host]["condition"] == "service_healthy"
+        assert (args.tls_ca, args.tls_cert, args.tls_key) == (
+            Path("/certs/ca.pem"),
+            Path(f"/certs/{name}.pem"),
+            Path(f"/certs/{name}.key"),
+        )
+        assert mounts(services[name])["/var/lib/fcl-client"] == f"{name}-work"
+        models.add(repr(parse_spec(args.model)))
+    assert dialed == set(fronts), "every front-end serves a client"
+    assert len(models) == 3
+
+
 # ---------------------------------------------------------------------------------------- Kubernetes
 
 API_VERSIONS = {
@@ -308,56 +533,190 @@ API_VERSIONS = {
     "ConfigMap": "v1",
     "Secret": "v1",
     "Service": "v1",
+    "PersistentVolumeClaim": "v1",
     "StatefulSet": "apps/v1",
+    "Deployment": "apps/v1",
     "Job": "batch/v1",
     "NetworkPolicy": "networking.k8s.io/v1",
+    "PodDisruptionBudget": "policy/v1",
 }
+SETUPS = {"single-node": K8S, "scale": K8S_SCALE}
+SETUP_KINDS = {
+    "single-node": {"Namespace", "ConfigMap", "Secret", "Service", "StatefulSet", "Job", "NetworkPolicy"},
+    "scale": set(API_VERSIONS),
+}
+# what `valueFrom: fieldRef` gives a container, e.g. a Deployment pod's name
+FIELD_VALUES = {"metadata.name": "fcl-worker-7d9f8c6b5-x2x4q", "metadata.namespace": "fcl"}
+# images whose entrypoint is an fcl command (the Dockerfile's targets)
+ENTRYPOINTS = {"fcl-server": ["fcl-server"], "fcl-client": ["fcl-client"]}
+
+Objects = dict[tuple[str, str], dict[str, Any]]
 
 
-@pytest.fixture(scope="module")
-def k8s() -> dict[tuple[str, str], dict[str, Any]]:
-    objects = {}
-    for path in sorted(K8S.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
-            continue
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                objects[(doc["kind"], doc["metadata"]["name"])] = doc
+def kustomization(directory: Path) -> dict[str, Any]:
+    data = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def kustomize_dirs(directory: Path) -> list[Path]:
+    """`directory` and every kustomization directory its resources name (bases), depth first."""
+    dirs = [directory]
+    for resource in kustomization(directory)["resources"]:
+        if (directory / resource).is_dir():
+            dirs += kustomize_dirs((directory / resource).resolve())
+    return dirs
+
+
+def rendered(directory: Path) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize DIR` builds, before its transforms (images): every document of
+    every file under resources:, a directory resource (a base) read the same way."""
+    docs = []
+    for resource in kustomization(directory)["resources"]:
+        path = (directory / resource).resolve()
+        assert path.exists(), f"{directory}: resource {resource} does not exist"
+        if path.is_dir():
+            docs += rendered(path)
+        else:
+            docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return docs
+
+
+def hand_made(directory: Path) -> list[dict[str, Any]]:
+    """The files of the setup's directories that no kustomization lists: Secrets made by hand."""
+    docs = []
+    for d in kustomize_dirs(directory):
+        listed = set(kustomization(d)["resources"])
+        for path in sorted(d.glob("*.yaml")):
+            if path.name != "kustomization.yaml" and path.name not in listed:
+                found = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+                assert found and all(doc["kind"] == "Secret" for doc in found), f"{path}: not applied"
+                docs += found
+    return docs
+
+
+def by_name(docs: list[dict[str, Any]]) -> Objects:
+    objects: Objects = {}
+    for doc in docs:
+        key = (doc["kind"], doc["metadata"]["name"])
+        assert key not in objects, f"{key} is defined twice"
+        objects[key] = doc
     return objects
 
 
-def container_argv(container: dict[str, Any], config: dict[str, str]) -> list[str]:
-    """command/args with $(VAR) expanded from the container's env (literal or ConfigMap key)."""
+@pytest.fixture(scope="module")
+def setups() -> dict[str, Objects]:
+    return {name: by_name([*rendered(d), *hand_made(d)]) for name, d in SETUPS.items()}
+
+
+@pytest.fixture(scope="module")
+def k8s(setups: dict[str, Objects]) -> Objects:
+    return setups["single-node"]
+
+
+@pytest.fixture(scope="module")
+def k8s_scale(setups: dict[str, Objects]) -> Objects:
+    return setups["scale"]
+
+
+def container_env(container: dict[str, Any], objects: Objects) -> dict[str, str]:
+    """The container's environment: literal values, ConfigMap and Secret keys, the pod's fields."""
     env = {}
     for var in container.get("env", []):
         if "value" in var:
             env[var["name"]] = var["value"]
+            continue
+        source = var["valueFrom"]
+        if "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            env[var["name"]] = objects[("ConfigMap", ref["name"])]["data"][ref["key"]]
+        elif "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            env[var["name"]] = objects[("Secret", ref["name"])]["stringData"][ref["key"]]
         else:
-            env[var["name"]] = config[var["valueFrom"]["configMapKeyRef"]["key"]]
+            env[var["name"]] = FIELD_VALUES[source["fieldRef"]["fieldPath"]]
+    return env
+
+
+def container_argv(container: dict[str, Any], objects: Objects) -> list[str]:
+    """command/args with $(VAR) expanded from the container's env (container_env)."""
+    env = container_env(container, objects)
     words = [*container.get("command", []), *container.get("args", [])]
     return [expand(w, env, r"\$\(([A-Z_][A-Z0-9_]*)\)") for w in words]
 
 
-def test_k8s_kinds_api_versions_and_namespace(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
-    assert {kind for kind, _ in k8s} == set(API_VERSIONS)
-    for (kind, name), obj in k8s.items():
+def container_commands(container: dict[str, Any], objects: Objects) -> list[list[str]]:
+    """The fcl commands a container runs: its image's entrypoint + args, or those of its `sh -c`."""
+    argv = container_argv(container, objects)
+    if argv[:2] == ["sh", "-c"]:
+        return shell_commands(argv[2])
+    image = container["image"].rsplit(":", 1)[0]
+    if "command" not in container and image in ENTRYPOINTS:
+        argv = [*ENTRYPOINTS[image], *argv]
+    return [argv] if argv and Path(argv[0]).name in PARSERS else []
+
+
+def run_fcl(container: dict[str, Any], objects: Objects) -> Any:
+    """The container's one fcl command, parsed with the container's environment."""
+    (argv,) = container_commands(container, objects)
+    return parse(argv, container_env(container, objects))
+
+
+def pod_templates(objects: Objects) -> dict[tuple[str, str], dict[str, Any]]:
+    return {key: obj["spec"]["template"] for key, obj in objects.items() if key[0] in WORKLOADS}
+
+
+WORKLOADS = ("Deployment", "StatefulSet", "Job")
+
+
+def selects(selector: dict[str, str], template: dict[str, Any]) -> bool:
+    return selector.items() <= template["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_k8s_kinds_api_versions_and_namespace(setup: str, setups: dict[str, Objects]) -> None:
+    objects = setups[setup]
+    assert {kind for kind, _ in objects} == SETUP_KINDS[setup]
+    for (kind, name), obj in objects.items():
         assert obj["apiVersion"] == API_VERSIONS[kind], f"{kind}/{name}"
         if kind != "Namespace":
             assert obj["metadata"]["namespace"] == "fcl", f"{kind}/{name}"
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    listed = set(kustomization["resources"])
-    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.yaml"}
+    for d in kustomize_dirs(SETUPS[setup]):
+        data = kustomization(d)
+        assert (data["apiVersion"], data["kind"]) == ("kustomize.config.k8s.io/v1beta1", "Kustomization")
+    images = {i["name"] for i in kustomization(SETUPS[setup]).get("images", [])}
+    used = {
+        c["image"].rsplit(":", 1)[0]
+        for t in pod_templates(objects).values()
+        for c in [*t["spec"].get("initContainers", []), *t["spec"]["containers"]]
+    }
+    assert used == images, "every image can be pointed at a registry in kustomization.yaml"
 
 
-def test_k8s_server_statefulset_keeps_state_on_a_claim_and_probes_grpc_health(
-    k8s: dict[tuple[str, str], dict[str, Any]],
-) -> None:
+@pytest.mark.parametrize("setup", SETUPS)
+def test_k8s_every_fcl_command_line_is_accepted(setup: str, setups: dict[str, Objects]) -> None:
+    objects = setups[setup]
+    count = 0
+    for key, template in pod_templates(objects).items():
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, key
+        assert pod["automountServiceAccountToken"] is False, key
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False, key
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], key
+            env = container_env(container, objects)
+            for argv in container_commands(container, objects):
+                parse(argv, env)
+                count += 1
+    assert count == {"single-node": 10, "scale": 14}[setup]
+
+
+def test_k8s_server_statefulset_keeps_state_on_a_claim_and_probes_grpc_health(k8s: Objects) -> None:
     sts = k8s[("StatefulSet", "fcl-server")]["spec"]
-    config = k8s[("ConfigMap", "fcl-config")]["data"]
     pod = sts["template"]["spec"]
     (container,) = pod["containers"]
-    argv = container_argv(container, config)
-    args = parse(["fcl-server", *argv])
+    args = run_fcl(container, k8s)
+    assert args.worker is True and args.database is None, "single node: the all-in-one server on SQLite"
     port = int(args.listen.rsplit(":", 1)[1])
     (claim,) = sts["volumeClaimTemplates"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -365,8 +724,6 @@ def test_k8s_server_statefulset_keeps_state_on_a_claim_and_probes_grpc_health(
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == port, probe
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert pod["terminationGracePeriodSeconds"] >= 130  # drain + the worker's 120 s to re-queue a job
     labels = sts["template"]["metadata"]["labels"]
     assert sts["selector"]["matchLabels"].items() <= labels.items()
@@ -381,22 +738,27 @@ def test_k8s_server_statefulset_keeps_state_on_a_claim_and_probes_grpc_health(
     assert sts["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(metrics)
 
 
+@pytest.mark.parametrize("setup", SETUPS)
 def test_k8s_client_jobs_use_the_token_secret_and_reach_the_service(
-    k8s: dict[tuple[str, str], dict[str, Any]],
+    setup: str, setups: dict[str, Objects]
 ) -> None:
-    config = k8s[("ConfigMap", "fcl-config")]["data"]
-    secret = k8s[("Secret", "fcl-client-tokens")]
-    jobs = [obj for (kind, _), obj in k8s.items() if kind == "Job"]
+    objects = setups[setup]
+    secret = objects[("Secret", "fcl-client-tokens")]
+    jobs = [obj for (kind, name), obj in objects.items() if kind == "Job" and name.startswith("fcl-client-")]
+    service = objects[("Service", "fcl-server")]["spec"]
+    servers = [t for t in pod_templates(objects).values() if selects(service["selector"], t)]
+    assert servers, "the Service fcl-server selects no pod"
     models, ids = set(), set()
     for job in jobs:
         pod = job["spec"]["template"]["spec"]
         assert pod["restartPolicy"] in ("OnFailure", "Never")
         (container,) = pod["containers"]
-        args = parse(["fcl-client", *container_argv(container, config)])
+        args = run_fcl(container, objects)
         ids.add(args.client_id)
         models.add(repr(parse_spec(args.model)))
         host, port = args.server.rsplit(":", 1)
-        assert host.split(".")[0] == "fcl-server" and int(port) == 50051
+        assert host.split(".")[0] == "fcl-server"
+        assert int(port) == {p["name"]: p["port"] for p in service["ports"]}["grpc"] == 50051
         volumes = {v["name"]: v for v in pod["volumes"]}
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         token = volumes[mounts[str(args.token_file.parent)]]["secret"]
@@ -407,20 +769,184 @@ def test_k8s_client_jobs_use_the_token_secret_and_reach_the_service(
         (split,) = [parse(["fcl-data", *c["args"]]) for c in data]
         assert args.stream == split.out / "clients" / args.client_id
         (wait,) = [c for c in pod["initContainers"] if c["command"][0] == "sh"]
-        (probe,) = shell_commands(container_argv(wait, config)[2])
+        (probe,) = container_commands(wait, objects)
         assert parse(probe).target == args.server
     assert ids == set(CLIENT_IDS) == set(secret["stringData"])
     assert len(models) == len(jobs) == 3
 
 
-def test_k8s_kustomize_build_when_kubectl_is_installed() -> None:
+def database_url(objects: Objects) -> str:
+    return str(objects[("Secret", "fcl-database")]["stringData"]["url"])
+
+
+def database_env(container: dict[str, Any]) -> dict[str, Any]:
+    (var,) = [v for v in container["env"] if v["name"] == "FCL_DATABASE"]
+    return dict(var["valueFrom"]["secretKeyRef"])
+
+
+def blob_claim(pod: dict[str, Any], container: dict[str, Any], blob_dir: Path) -> str:
+    """The claim mounted at `blob_dir`."""
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return str(volumes[mounts[str(blob_dir)]]["persistentVolumeClaim"]["claimName"])
+
+
+def wait_for_database(pod: dict[str, Any], objects: Objects) -> None:
+    """An init container waits until `fcl-server db current` (exit 0 at the schema's head)."""
+    (init,) = pod["initContainers"]
+    (argv,) = container_commands(init, objects)
+    ns = parse(argv, container_env(init, objects))
+    assert (ns.command, ns.db_command, ns.database) == ("db", "current", database_url(objects))
+    assert container_argv(init, objects)[2].startswith("until ")
+
+
+def test_k8s_scale_frontends_are_stateless_servers_ready_on_grpc_health(k8s_scale: Objects) -> None:
+    deployment = k8s_scale[("Deployment", "fcl-frontend")]
+    spec = deployment["spec"]
+    assert spec["replicas"] >= 2
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert selects(spec["selector"]["matchLabels"], spec["template"])
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    args = run_fcl(container, k8s_scale)
+    assert args.worker is False, "a front-end runs `serve --no-worker`"
+    assert "--no-worker" in container["args"] and "--database" not in container["args"]
+    assert database_env(container) == {"name": "fcl-database", "key": "url"}
+    assert args.database == database_url(k8s_scale)
+    assert k8s_scale[("PersistentVolumeClaim", blob_claim(pod, container, args.blob_dir))]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert "emptyDir" in volumes[mounts[str(args.state_dir)]], "the state dir only holds caches"
+    port = int(args.listen.rsplit(":", 1)[1])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == port, probe
+    wait_for_database(pod, k8s_scale)
+    service = k8s_scale[("Service", "fcl-server")]["spec"]
+    assert "clusterIP" not in service and selects(service["selector"], spec["template"])
+    ports = {p["name"]: p for p in service["ports"]}
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["grpc"]["port"] == port and container_ports[ports["grpc"]["targetPort"]] == port
+    metrics = int(args.metrics_listen.rsplit(":", 1)[1])
+    assert container_ports[ports["metrics"]["targetPort"]] == metrics
+    assert spec["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(metrics)
+    config = k8s_scale[("ConfigMap", "fcl-config")]["data"]
+    assert config["FCL_SERVER"] == f"fcl-server.fcl.svc:{port}"
+    pdb = k8s_scale[("PodDisruptionBudget", "fcl-frontend")]["spec"]
+    assert selects(pdb["selector"]["matchLabels"], spec["template"])
+    assert 1 <= pdb["minAvailable"] < spec["replicas"]
+    policy = k8s_scale[("NetworkPolicy", "fcl-server")]["spec"]
+    assert selects(policy["podSelector"]["matchLabels"], spec["template"])
+
+
+def test_k8s_scale_workers_share_the_blob_claim_and_the_database(k8s_scale: Objects) -> None:
+    frontend = k8s_scale[("Deployment", "fcl-frontend")]["spec"]["template"]["spec"]
+    front_args = run_fcl(frontend["containers"][0], k8s_scale)
+    spec = k8s_scale[("Deployment", "fcl-worker")]["spec"]
+    assert spec["replicas"] >= 2
+    assert selects(spec["selector"]["matchLabels"], spec["template"])
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    args = run_fcl(container, k8s_scale)
+    assert container["args"][0] == "worker" and isinstance(args, WorkerSettings)
+    assert database_env(container) == {"name": "fcl-database", "key": "url"}
+    assert args.database == database_url(k8s_scale)
+    assert args.blob_dir == front_args.blob_dir
+    claim = blob_claim(pod, container, args.blob_dir)
+    assert claim == blob_claim(frontend, frontend["containers"][0], front_args.blob_dir)
+    # --worker-id is the pod's own name: distinct for every replica
+    (pod_name,) = [v for v in container["env"] if v.get("valueFrom", {}).get("fieldRef")]
+    assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert flag(container["args"], "--worker-id") == f"$({pod_name['name']})"
+    assert "ports" not in container and "readinessProbe" not in container
+    services = [o["spec"] for (kind, _), o in k8s_scale.items() if kind == "Service"]
+    assert not any(selects(s["selector"], spec["template"]) for s in services), "a worker has no Service"
+    assert pod["terminationGracePeriodSeconds"] >= 130  # the worker's 120 s to re-queue a job
+    wait_for_database(pod, k8s_scale)
+
+
+def test_k8s_scale_blob_dir_is_one_read_write_many_claim(k8s_scale: Objects) -> None:
+    claims = {name: o for (kind, name), o in k8s_scale.items() if kind == "PersistentVolumeClaim"}
+    (name,) = claims
+    assert claims[name]["spec"]["accessModes"] == ["ReadWriteMany"]
+    users = {}
+    for (_, owner), template in pod_templates(k8s_scale).items():
+        pod = template["spec"]
+        for volume in pod.get("volumes", []):
+            if volume.get("persistentVolumeClaim", {}).get("claimName") == name:
+                (container,) = pod["containers"]
+                args = run_fcl(container, k8s_scale)
+                assert blob_claim(pod, container, args.blob_dir) == name
+                users[owner] = args.blob_dir
+    assert set(users) == {"fcl-frontend", "fcl-worker"} and len(set(users.values())) == 1
+
+
+def test_k8s_scale_postgres_statefulset_secret_and_upgrade_job(k8s_scale: Objects) -> None:
+    sts = k8s_scale[("StatefulSet", "fcl-postgres")]["spec"]
+    assert sts["replicas"] == 1 and selects(sts["selector"]["matchLabels"], sts["template"])
+    headless = k8s_scale[("Service", sts["serviceName"])]["spec"]
+    assert headless["clusterIP"] == "None" and selects(headless["selector"], sts["template"])
+    pod = sts["template"]["spec"]
+    (container,) = pod["containers"]
+    image, tag = container["image"].rsplit(":", 1)
+    assert image == "postgres" and tag in ("15", "16")
+    env = {v["name"]: v for v in container["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "fcl-database",
+        "key": "password",
+    }
+    (claim,) = sts["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert Path(env["PGDATA"]["value"]).parent == Path(mounts[claim["metadata"]["name"]])
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        command = container[probe]["exec"]["command"]
+        assert command[0] == "pg_isready"
+        assert flag(command, "--username") == env["POSTGRES_USER"]["value"]
+        assert flag(command, "--dbname") == env["POSTGRES_DB"]["value"]
+    # the URL every fcl process reads names this database, its user and the same password
+    secret = k8s_scale[("Secret", "fcl-database")]["stringData"]
+    url = make_url(secret["url"])
+    assert url.drivername == "postgresql+psycopg" and url.password == secret["password"]
+    assert (url.username, url.database) == (env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"])
+    assert url.host == f"{sts['serviceName']}.fcl.svc"
+    assert url.port == {p["name"]: p["port"] for p in headless["ports"]}["postgres"] == 5432
+    assert "database-secret.yaml" not in kustomization(K8S_SCALE)["resources"], "made by hand"
+    assert "https://cloudnative-pg.io" in (K8S_SCALE / "postgres.yaml").read_text()
+    # only the processes that use the database reach it
+    policy = k8s_scale[("NetworkPolicy", "fcl-postgres")]["spec"]
+    assert selects(policy["podSelector"]["matchLabels"], sts["template"])
+    (rule,) = policy["ingress"]
+    (allowed,) = rule["from"][0]["podSelector"]["matchExpressions"]
+    users = {
+        owner: t["metadata"]["labels"][allowed["key"]]
+        for (_, owner), t in pod_templates(k8s_scale).items()
+        if any("FCL_DATABASE" in container_env(c, k8s_scale) for c in t["spec"]["containers"])
+    }
+    assert set(users) == {"fcl-frontend", "fcl-worker", "fcl-db-upgrade"}
+    assert set(allowed["values"]) == set(users.values())
+    job = k8s_scale[("Job", "fcl-db-upgrade")]["spec"]
+    assert job["template"]["spec"]["restartPolicy"] == "OnFailure" and job["backoffLimit"] >= 6
+    (upgrade,) = job["template"]["spec"]["containers"]
+    ns = run_fcl(upgrade, k8s_scale)
+    assert (ns.command, ns.db_command, ns.database) == ("db", "upgrade", secret["url"])
+    assert database_env(upgrade) == {"name": "fcl-database", "key": "url"}
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_k8s_kustomize_build_when_kubectl_is_installed(setup: str) -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed")
-    out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    directory = SETUPS[setup]
+    out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    kinds = [doc["kind"] for doc in yaml.safe_load_all(out.stdout) if doc]
-    assert kinds.count("Job") == 3 and "StatefulSet" in kinds
+    docs = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    assert set(by_name(docs)) == set(by_name(rendered(directory)))
+    images = {i["name"]: i["newTag"] for i in kustomization(directory)["images"]}
+    for template in pod_templates(by_name(docs)).values():
+        for c in [*template["spec"].get("initContainers", []), *template["spec"]["containers"]]:
+            name, tag = c["image"].rsplit(":", 1)
+            assert tag == images[name], c["image"]
 
 
 # ---------------------------------------------------------------------------------------- systemd
