@@ -6,7 +6,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -197,21 +197,11 @@ def test_no_token_is_refused_before_the_stream_waits_on_anything(server: Running
 def test_a_stream_the_client_cancels_is_logged_and_counted_as_cancelled(
     server: RunningServer, fm: FoundationModel, caplog: pytest.LogCaptureFixture
 ) -> None:
-    token = enroll(server.state_dir, "alice")
-    job = _queued_job(server, fm, token)
-    with (
-        caplog.at_level(logging.DEBUG, logger="fcl_server.rpc"),
-        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        call = fcl_pb2_grpc.FclServiceStub(channel).WatchJob(
-            pb.WatchJobRequest(job_id=job), metadata=_meta(token), timeout=30
-        )
+    def cancel_it(call: grpc.Future) -> None:
         _first_event(call)
         call.cancel()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not _watch_lines(caplog):
-            time.sleep(0.05)
-    lines = _watch_lines(caplog)
+
+    lines = _logged_watch(server, fm, caplog, 30, cancel_it)
     assert [r.levelname for r in lines] == ["INFO"] and " code=CANCELLED " in lines[0].getMessage()
     assert "peer=ipv4:127.0.0.1:" in lines[0].getMessage()
     counted = {
@@ -223,6 +213,31 @@ def test_a_stream_the_client_cancels_is_logged_and_counted_as_cancelled(
     assert counted == {"CANCELLED": 1.0, "UNKNOWN": None}
 
 
+def _logged_watch(
+    server: RunningServer,
+    fm: FoundationModel,
+    caplog: pytest.LogCaptureFixture,
+    timeout: float,
+    end: Callable[[grpc.Future], None],
+) -> list[logging.LogRecord]:
+    """The server's log lines of one WatchJob call on a queued job, which `end` ends."""
+    token = enroll(server.state_dir, "alice")
+    job = _queued_job(server, fm, token)
+    with (
+        caplog.at_level(logging.DEBUG, logger="fcl_server.rpc"),
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        end(
+            fcl_pb2_grpc.FclServiceStub(channel).WatchJob(
+                pb.WatchJobRequest(job_id=job), metadata=_meta(token), timeout=timeout
+            )
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _watch_lines(caplog):
+            time.sleep(0.05)
+    return _watch_lines(caplog)
+
+
 def _watch_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [
         r for r in caplog.records if r.name == "fcl_server.rpc" and r.getMessage().startswith("WatchJob ")
@@ -232,19 +247,10 @@ def _watch_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 def test_a_call_whose_deadline_passes_is_logged_as_deadline_exceeded(
     server: RunningServer, fm: FoundationModel, caplog: pytest.LogCaptureFixture
 ) -> None:
-    token = enroll(server.state_dir, "alice")
-    job = _queued_job(server, fm, token)
-    with (
-        caplog.at_level(logging.DEBUG, logger="fcl_server.rpc"),
-        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        call = fcl_pb2_grpc.FclServiceStub(channel).WatchJob(
-            pb.WatchJobRequest(job_id=job), metadata=_meta(token), timeout=0.25
-        )  # before the server would end this watch (half of --stream-idle-s, 0.5 s)
-        assert _code(lambda: list(call)) == grpc.StatusCode.DEADLINE_EXCEEDED
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not _watch_lines(caplog):
-            time.sleep(0.05)
-    lines = _watch_lines(caplog)
+    def run_out(call: grpc.Future) -> None:
+        assert _code(lambda: list(call)) == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[call-overload]
+
+    # a deadline before the server would end this watch (half of --stream-idle-s, 0.5 s)
+    lines = _logged_watch(server, fm, caplog, 0.25, run_out)
     assert len(lines) == 1 and " code=DEADLINE_EXCEEDED " in lines[0].getMessage(), lines
     assert lines[0].levelname == "INFO" and "client=alice" in lines[0].getMessage()
