@@ -31,5 +31,9 @@ class ResourceExhausted(DomainError):
     pass
 
 
+class Unavailable(DomainError):
+    """The state database cannot be reached now: nothing was written, the call may be retried."""
+
+
 class Aborted(DomainError):
     """A concurrency or resume conflict: the caller should re-read the state and retry (gRPC ABORTED)."""

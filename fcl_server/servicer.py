@@ -32,6 +32,7 @@ from fcl_server.errors import (
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
+    Unavailable,
 )
 from fcl_server.interceptor import note_bytes, note_client
 from fcl_server.partials import PartialWriter
@@ -50,6 +51,7 @@ _STATUS = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Aborted: grpc.StatusCode.ABORTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=Message)

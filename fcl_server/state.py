@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from fcl_server import database
+from fcl_server.errors import Unavailable
 from fcl_server.schema import (
     clients,
     heads,
@@ -200,13 +201,17 @@ class State:
 
     @contextmanager
     def tx(self) -> Iterator[sa.Connection]:
-        """One write transaction (SQLAlchemy Core statements on its connection), committed at the end."""
-        with self._lock, database.write_transaction(self.engine) as conn:
+        """One write transaction (SQLAlchemy Core statements on its connection), committed at the end.
+
+        A database that cannot be reached (or, for SQLite, stays locked) raises Unavailable: the
+        transaction is rolled back whole, and the call may be retried.
+        """
+        with _unavailable_as_domain_error(), self._lock, database.write_transaction(self.engine) as conn:
             yield conn
 
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:
-        with self.engine.connect() as conn, conn.begin():
+        with _unavailable_as_domain_error(), self.engine.connect() as conn, conn.begin():
             yield conn
 
     # -- tokens and clients -------------------------------------------------------------------
@@ -784,6 +789,15 @@ class State:
     def set_kv(self, key: str, value: str) -> None:
         with self.tx() as db:
             _upsert(db, kv, {"key": key, "value": value})
+
+
+@contextmanager
+def _unavailable_as_domain_error() -> Iterator[None]:
+    try:
+        yield
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+        raise Unavailable(f"the state database cannot be reached now ({reason}); retry shortly") from exc
 
 
 def _insert(db: sa.Connection, table: sa.Table) -> Any:

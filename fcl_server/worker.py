@@ -26,6 +26,7 @@ from common.config import OBODConfig
 from common.logs import fields
 from common.package import KnowledgePackage, decode_package, decode_stats, encode_package, encode_stats
 from fcl_server.blobs import BlobStore
+from fcl_server.errors import Unavailable
 from fcl_server.fm_host import FMHost
 from fcl_server.service import InFlight, JobNotifier
 from fcl_server.state import DEFAULT_LEASE_S, GLOBAL, Job, JobState, LeaseLost, State
@@ -134,9 +135,16 @@ class DistillationWorker:
         lower_thread_priority(self.nice)
         # U is needed by every job: compute (or load) it now, while clients are still training
         self.fm_host.public_features()
-        tick = 0
+        tick, outage = 0, 0.0
         while not self._stop.is_set():
-            job = self.state.claim_next_job(self.worker_id, self.lease_s)
+            try:
+                job = self.state.claim_next_job(self.worker_id, self.lease_s)
+            except Unavailable as exc:  # the database is away: wait for it, growing the pause to 10 s
+                outage = min(10.0, max(0.5, 2 * outage))
+                log.warning("worker %s: %s; trying again in %.1f s", self.worker_id, exc, outage)
+                self._stop.wait(outage)
+                continue
+            outage = 0.0
             if job is None:
                 tick = self.notifier.wait(tick, timeout=self.poll_s)
                 continue
@@ -154,6 +162,9 @@ class DistillationWorker:
         log.debug("job %d (client %s, %s) running", job.job_id, job.client_id, job.task_key)
         try:
             versions = self._distill(job)
+        except Unavailable as exc:  # nothing was applied; the job is run again once its lease runs out
+            self._finished(job, "interrupted", started, f"stopped after {{s}}: {exc}")
+            return
         except (Cancelled, LeaseLost) as exc:
             if self._lost.is_set() or isinstance(exc, LeaseLost):
                 self._finished(job, "lost", started, f"dropped after {{s}}: {exc or 'lease lost'}")

@@ -97,6 +97,20 @@ class Cluster:
                 if attempt == 2:
                     raise
 
+    def pause(self) -> None:
+        """Stop the server, keeping its data and port (resume() starts it again)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+
+    def resume(self) -> None:
+        options = (
+            "-c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            f"-c unix_socket_directories={self.root} -c max_connections=200 -c shared_buffers=32MB"
+        )
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
+            "-o", f"{options} -p {self.port}", "start",
+        )  # fmt: skip
+
     def stop(self) -> None:
         try:
             if (self.data / "postmaster.pid").exists():

@@ -16,9 +16,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.cluster import ServerProcess, start_server
 from common.fm import FoundationModel
@@ -182,3 +184,31 @@ def test_upload_limits_hold_for_a_client_that_spreads_its_calls_over_front_ends(
     finally:
         a.stop(grace=1)
         b.stop(grace=1)
+
+
+def test_a_database_that_goes_away_gives_unavailable_and_service_resumes_by_itself(
+    tmp_path: Path, postgres: Any, postgres_url: str, fm: FoundationModel
+) -> None:
+    State(postgres_url, upgrade=True).close()
+    server = inprocess_server(tmp_path, fm, database=postgres_url)
+    try:
+        token = enroll(None, "edge-0", database=postgres_url)
+        target = f"127.0.0.1:{server.port}"
+        with Connection(target, token, retries=0) as conn:
+            assert conn.register("edge-0", fm.digest).fm_matches
+        postgres.pause()
+        try:
+            with Connection(target, token, retries=0) as conn, pytest.raises(grpc.RpcError) as exc:
+                conn.register("edge-0", fm.digest)
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            assert "retry" in exc.value.details()  # type: ignore[attr-defined]
+            health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1  # still serving
+        finally:
+            postgres.resume()
+        with Connection(target, token, retries=0) as conn:  # no restart: the pool reconnects
+            assert conn.register("edge-0", fm.digest).fm_matches
+            job_id = conn.upload(package_bytes(fm, LABELS[0]), "after", "task-00", 0, fm.digest).job_id
+            assert conn.watch_job(job_id, timeout=240).state == pb.JOB_STATE_DONE  # the worker came back too
+    finally:
+        server.stop(grace=1)
