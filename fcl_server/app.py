@@ -250,6 +250,11 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
     state_dir.mkdir(parents=True, exist_ok=True)  # caches live here even when the database is elsewhere
     state = open_state(state_dir, config.database)
     blobs = BlobStore((config.blob_dir or state_dir) / "blobs")
+    try:
+        blobs.bind(state.set_kv_once)
+    except BaseException:
+        state.close()
+        raise
     dropped = blobs.clear_temp()
     worker_id = default_worker_id("serve")
     requeued = state.requeue_running(worker_id) if config.worker else 0

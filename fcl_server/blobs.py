@@ -15,6 +15,7 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 STALE_TEMP_S = 3600.0  # a temp dir untouched this long belongs to no live process (a temp lives seconds)
@@ -34,6 +35,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+MARK = ".fcl-blob-dir"  # names the blob dir; its database records the same token
+
+
+class BlobDirError(ValueError):
+    """The blob dir is not the one the database's other processes use."""
+
+
 class BlobStore:
     def __init__(self, root: Path, stale_temp_s: float = STALE_TEMP_S) -> None:
         self.root = root
@@ -41,6 +49,32 @@ class BlobStore:
         self.tmp_root = root / "tmp"
         self.tmp = self.tmp_root / f"{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def bind(self, set_once: Callable[[str, str], str]) -> None:
+        """Check that this is the blob dir of the database: the first process writes a token into the
+        dir and the database (`set_once`, e.g. State.set_kv_once); every later one must find it here.
+
+        A front-end or worker whose --blob-dir is a local folder, not the shared one, is refused at
+        start, instead of serving uploads that the others cannot read.
+        """
+        mark = self.root / MARK
+        if not mark.exists():
+            tmp = self.root / f"{MARK}.{uuid.uuid4().hex}"
+            tmp.write_text(uuid.uuid4().hex)
+            try:
+                os.link(tmp, mark)  # atomic and never overwrites: one token per dir, whoever wins
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        token = mark.read_text().strip()
+        expected = set_once("blob_dir_token", token)
+        if expected != token:
+            raise BlobDirError(
+                f"{self.root} is not the blob dir this database's other front-ends and workers use (its "
+                f"{MARK} token is {token[:8]}..., the database's {expected[:8]}...): give every process "
+                "the same --blob-dir on a shared filesystem (NFS, CephFS, an RWX volume)"
+            )
 
     def path(self, digest: str) -> Path:
         if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):

@@ -790,6 +790,12 @@ class State:
         with self.tx() as db:
             _upsert(db, kv, {"key": key, "value": value})
 
+    def set_kv_once(self, key: str, value: str) -> str:
+        """Store `value` under `key` unless a value is there already; returns the value stored."""
+        with self.tx() as db:
+            _insert_ignore(db, kv, {"key": key, "value": value})
+            return str(db.execute(sa.select(kv.c.value).where(kv.c.key == key)).scalar_one())
+
 
 @contextmanager
 def _unavailable_as_domain_error() -> Iterator[None]:

@@ -45,6 +45,11 @@ def create_worker(
     config.state_dir.mkdir(parents=True, exist_ok=True)  # the FM's public-feature cache lives here
     state = open_state(config.state_dir, config.database)
     blobs = BlobStore((config.blob_dir or config.state_dir) / "blobs")
+    try:
+        blobs.bind(state.set_kv_once)
+    except BaseException:
+        state.close()
+        raise
     blobs.clear_temp()
     fm = fm or FoundationModel(config.fm, device=config.device)
     corpus = read_public_corpus(config.public_corpus or default_public_corpus())

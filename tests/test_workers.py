@@ -26,6 +26,7 @@ from benchmarks.cluster import ServerProcess, start_server
 from common.fm import FoundationModel
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from fcl_client.connection import Connection
+from fcl_server.blobs import BlobDirError
 from fcl_server.state import GLOBAL, JobState, State
 from tests.servers import enroll, inprocess_server, package_bytes
 
@@ -212,3 +213,19 @@ def test_a_database_that_goes_away_gives_unavailable_and_service_resumes_by_itse
             assert conn.watch_job(job_id, timeout=240).state == pb.JOB_STATE_DONE  # the worker came back too
     finally:
         server.stop(grace=1)
+
+
+def test_a_front_end_whose_blob_dir_is_not_the_shared_one_is_refused_at_start(
+    tmp_path: Path, postgres_url: str, fm: FoundationModel
+) -> None:
+    State(postgres_url, upgrade=True).close()
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    first = inprocess_server(tmp_path / "a", fm, database=postgres_url, blob_dir=tmp_path / "shared")
+    try:
+        with pytest.raises(BlobDirError, match=r"not the blob dir .* --blob-dir on a shared filesystem"):
+            inprocess_server(tmp_path / "b", fm, database=postgres_url, blob_dir=tmp_path / "local")
+        again = inprocess_server(tmp_path / "c", fm, database=postgres_url, blob_dir=tmp_path / "shared")
+        again.stop(grace=1)  # the shared one is accepted
+    finally:
+        first.stop(grace=1)
