@@ -148,3 +148,38 @@ def issue_token(state: Path | None, name: str, admin: bool = False, database: st
     db.add_token(token, name, admin)
     db.close()
     return token
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (the running job goes back to the queue) and wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def start_worker(name: str, log_path: Path, *args: str, wait_s: float = 180.0) -> WorkerProcess:
+    """Run `fcl-server worker --worker-id NAME ARGS` and wait until it says it runs."""
+    cmd = [sys.executable, "-m", "fcl_server.cli", "worker", "--worker-id", name, *args]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if f"worker {name} running" in log_path.read_text(errors="replace"):
+            return WorkerProcess(name, proc, log_path)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(
+        f"fcl-server worker {name} did not start:\n{log_path.read_text(errors='replace')[-3000:]}"
+    )

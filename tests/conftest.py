@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import pg
 from common.datasets import builtin
 from common.datasets.split import split_dataset, write_split
 from common.fm import FoundationModel
-from tests import pg
 
 
 @pytest.fixture(scope="module")

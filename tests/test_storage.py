@@ -1,6 +1,6 @@
 """The state database: a 0.1.0 state dir upgrades in place, and State behaves alike on SQLite and PostgreSQL.
 
-The PostgreSQL cases run on a throwaway cluster of the test session (tests/pg.py), skipped only where
+The PostgreSQL cases run on a throwaway cluster of the test session (benchmarks/pg.py), skipped only where
 PostgreSQL is not installed.
 """
 

@@ -8,7 +8,6 @@ again; clients follow their jobs on the front-end.
 from __future__ import annotations
 
 import itertools
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.cluster import ServerProcess, start_server
+from benchmarks.cluster import ServerProcess, WorkerProcess, start_server, start_worker
 from common.fm import FoundationModel
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from fcl_client.connection import Connection
@@ -35,17 +34,10 @@ LABELS = [["open_door", "close_door"], ["turn_on_light", "dim_light"], ["play_so
 
 
 @dataclass
-class Worker:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-
-@dataclass
 class Cluster:
     url: str
     frontend: ServerProcess
-    workers: dict[str, Worker]
+    workers: dict[str, WorkerProcess]
     state: State
     target: str
 
@@ -59,28 +51,6 @@ def _wait(what: Callable[[], object], label: str, timeout: float = 120.0) -> Non
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {label}")
 
 
-def _start_worker(name: str, url: str, shared: Path, tmp: Path, corpus: Path) -> Worker:
-    log = tmp / f"{name}.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "fcl_server.cli",
-        "worker",
-        "--state-dir",
-        str(tmp / name),
-        "--database",
-        url,
-    ]
-    cmd += ["--blob-dir", str(shared), "--public-corpus", str(corpus), "--device", "cpu"]
-    cmd += ["--worker-id", name, "--lease-s", str(LEASE_S)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    _wait(lambda: f"worker {name} running" in log.read_text() or proc.poll() is not None, f"{name} to start")
-    assert proc.poll() is None, log.read_text()[-2000:]
-    return Worker(name, proc, log)
-
-
 @pytest.fixture()
 def cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
     corpus = tmp_path / "public.txt"
@@ -92,21 +62,23 @@ def cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
     frontend = start_server(
         tmp_path / "fe", tmp_path / "fe.log", *args, "--no-worker", "--uploads-per-minute", "0"
     )
-    workers: dict[str, Worker] = {}
+    workers: dict[str, WorkerProcess] = {}
     state = State(postgres_url)
     try:
         for name in ("worker-0", "worker-1"):
-            workers[name] = _start_worker(name, postgres_url, shared, tmp_path, corpus)
+            workers[name] = start_worker(
+                name,
+                tmp_path / f"{name}.log",
+                *args,
+                "--state-dir",
+                str(tmp_path / name),
+                "--lease-s",
+                str(LEASE_S),
+            )
         yield Cluster(postgres_url, frontend, workers, state, frontend.target)
     finally:
         for w in workers.values():
-            if w.proc.poll() is None:
-                w.proc.send_signal(signal.SIGTERM)
-        for w in workers.values():
-            try:
-                w.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                w.proc.kill()
+            w.stop()
         frontend.stop(timeout=60)
         state.close()
 

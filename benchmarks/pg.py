@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL cluster for tests: initdb on a temp dir, a free port on 127.0.0.1, then stop.
+"""A throwaway PostgreSQL cluster (tests, benchmarks): initdb on a temp dir, a free port on 127.0.0.1, stop.
 
 initdb refuses to run as root: as root the cluster runs as the `postgres` user (which Debian's package
 creates). The binaries come from PATH or /usr/lib/postgresql/*/bin (where Debian puts them).
@@ -125,5 +125,5 @@ class Cluster:
         """A fresh, empty database; returns its SQLAlchemy URL (password included)."""
         name = f"fcl_test_{next(self._names)}"
         with psycopg.connect(self.url(driver="postgresql"), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]  # a name we made
+            conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type,unused-ignore]  # a name we made
         return self.url(name)
