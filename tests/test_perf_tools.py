@@ -88,8 +88,15 @@ def test_headline_numbers_and_goal_verdicts() -> None:
         "concurrency_200_errors": False,
         **dict.fromkeys(("hostile_check_p99_s", "hostile_register_p99_ratio"), None),
         **dict.fromkeys(("hostile_upload_p99_ratio", "hostile_errors"), None),
+        "scale_drain_ratio_2_vs_1": None,
     }
     assert goals(headline({}))["fe_ratio_vs_limit"]["met"] is None
+    scale = {"scale_drain_ratio_2_vs_1": 1.4, "scale_global_step_share": 0.5}
+    assert goals(headline({"scale": scale}))["scale_drain_ratio_2_vs_1"] == {
+        "goal": ">= 1.6",
+        "value": 1.4,
+        "met": False,
+    }
     hostile = {"hostile_check_p99_s": 0.05, "hostile_register_p99_ratio": 3.0, "hostile_errors": 0}
     verdicts = {k: v["met"] for k, v in goals(headline({"hostile": hostile})).items() if "hostile" in k}
     assert verdicts == {

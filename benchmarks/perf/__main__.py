@@ -2,7 +2,8 @@
 
 Parts: transfer (vs a plain grpcio echo), Flower (vs one Flower round), feature extraction (vs the
 matmul compute limit), OBOD job time (cost model), concurrency (many clients at once), client cost
-(SMCF per task on CLINC150) and hostile (honest calls while idle streams are held open). Each part's
+(SMCF per task on CLINC150), hostile (honest calls while idle streams are held open) and scale (queue
+drain by 1 and 2 workers on PostgreSQL). Each part's
 reference is measured in the same run, so ratios hold on a noisy machine. Writes one JSON document
 whose top-level keys are the headline numbers and `goals`.
 """
@@ -19,12 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.perf import concurrency, fe, flower, hostile, jobs, transfer
+from benchmarks.perf import concurrency, fe, flower, hostile, jobs, scale, transfer
 from benchmarks.perf.util import load_average, machine_info, torch_threads
 from common.fm import FoundationModel
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ("transfer", "flower", "fe", "jobs", "concurrency", "client", "hostile")
+PARTS = ("transfer", "flower", "fe", "jobs", "concurrency", "client", "hostile", "scale")
 
 
 def plan(quick: bool) -> dict[str, Any]:
@@ -38,6 +39,7 @@ def plan(quick: bool) -> dict[str, Any]:
             "concurrency": {"counts": [10, 200], "settle_s": 5.0, "repeat": 1},
             "client": {"max_tasks": 1},
             "hostile": {"calls": 30, "give_up_after": 2},
+            "scale": {"uploads": 12, "labels": 150, "workers": [1, 2]},
         }
     return {
         "transfer": {"sizes_mb": [1, 16, 256], "repeat": 3},
@@ -52,6 +54,7 @@ def plan(quick: bool) -> dict[str, Any]:
         "concurrency": {"counts": [10, 50, 200], "settle_s": 20.0, "repeat": 3},
         "client": {"max_tasks": 1_000},
         "hostile": {"calls": 100, "give_up_after": 5},
+        "scale": {"uploads": 40, "labels": 150, "workers": [1, 2]},
     }
 
 
@@ -92,6 +95,8 @@ def headline(parts: dict[str, Any]) -> dict[str, Any]:
         "client_smcf_s_per_task": parts.get("client", {}).get("smcf_s_per_task_median"),
         "client_peak_rss_mb": parts.get("client", {}).get("peak_rss_mb"),
         **{key: parts.get("hostile", {}).get(key) for key in HOSTILE_KEYS},
+        "scale_drain_ratio_2_vs_1": parts.get("scale", {}).get("scale_drain_ratio_2_vs_1"),
+        "scale_global_step_share": parts.get("scale", {}).get("scale_global_step_share"),
     }
 
 
@@ -107,6 +112,7 @@ GOALS = {
     "hostile_register_p99_ratio": ("<=", 2.0),
     "hostile_upload_p99_ratio": ("<=", 2.0),
     "hostile_errors": ("<=", 0),
+    "scale_drain_ratio_2_vs_1": (">=", 1.6),
 }
 
 
@@ -202,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 parts[part] = concurrency.run(s["counts"], s["settle_s"], s["repeat"])
             elif part == "client":
                 parts[part] = run_client_cost(args.data, s["max_tasks"], args.threads)
+            elif part == "scale":
+                parts[part] = scale.run(s["uploads"], s["labels"], s["workers"])
             elif part == "hostile":
                 parts[part] = hostile.run(s["calls"], give_up_after=s["give_up_after"])
             parts[part].update(source)
