@@ -30,6 +30,17 @@ def enroll(state_dir: Path, name: str, admin: bool = False) -> str:
     return out.stdout.strip()
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM and wait; SIGKILL once `timeout` passes. Returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 @dataclass
 class ServerProcess:
     proc: subprocess.Popen[bytes]
@@ -42,13 +53,7 @@ class ServerProcess:
 
     def stop(self, timeout: float = 120.0) -> int:
         """SIGTERM (graceful drain) and wait; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return terminate(self.proc, timeout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -158,13 +163,7 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (the running job goes back to the queue) and wait; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return terminate(self.proc, timeout)
 
 
 def start_worker(name: str, log_path: Path, *args: str, wait_s: float = 180.0) -> WorkerProcess:
