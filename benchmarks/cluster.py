@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,19 +95,26 @@ def start_server(state_dir: Path, log_path: Path, *extra: str, wait_s: float = 1
         str(port_file),
         *extra,
     ]
+    proc = _launch(cmd, log_path, port_file.exists, "fcl-server", wait_s)
+    return ServerProcess(proc, int(port_file.read_text()), log_path)
+
+
+def _launch(
+    cmd: list[str], log_path: Path, ready: Callable[[], bool], what: str, wait_s: float
+) -> subprocess.Popen[bytes]:
+    """Start `cmd` logging to `log_path` and wait until `ready()`; kill it and raise if it never is."""
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        if port_file.exists():
-            return ServerProcess(proc, int(port_file.read_text()), log_path)
+        if ready():
+            return proc
         if proc.poll() is not None:
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     proc.kill()
-    raise RuntimeError(
-        f"fcl-server did not start (exit {proc.poll()}):\n{log_path.read_text(errors='replace')[-3000:]}"
-    )
+    tail = log_path.read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"{what} did not start (exit {proc.poll()}):\n{tail}")
 
 
 def start_client(
@@ -169,16 +177,5 @@ class WorkerProcess:
 def start_worker(name: str, log_path: Path, *args: str, wait_s: float = 180.0) -> WorkerProcess:
     """Run `fcl-server worker --worker-id NAME ARGS` and wait until it says it runs."""
     cmd = [sys.executable, "-m", "fcl_server.cli", "worker", "--worker-id", name, *args]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if f"worker {name} running" in log_path.read_text(errors="replace"):
-            return WorkerProcess(name, proc, log_path)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(
-        f"fcl-server worker {name} did not start:\n{log_path.read_text(errors='replace')[-3000:]}"
-    )
+    running = lambda: f"worker {name} running" in log_path.read_text(errors="replace")  # noqa: E731
+    return WorkerProcess(name, _launch(cmd, log_path, running, f"fcl-server worker {name}", wait_s), log_path)

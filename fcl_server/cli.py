@@ -18,7 +18,15 @@ from common.fm import FoundationModelError
 from common.logs import setup_logging
 from common.settings import add_settings_command, given_flags, load_settings
 from fcl_server.app import create_server, open_state
-from fcl_server.database import DatabaseError, create_engine, current, database_url, mask, upgrade
+from fcl_server.database import (
+    DatabaseError,
+    create_engine,
+    current,
+    database_url,
+    driver_reason,
+    mask,
+    upgrade,
+)
 from fcl_server.errors import Unavailable
 from fcl_server.settings import ServeSettings, WorkerSettings
 
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fcl-server: error: {_explain(exc)}", file=sys.stderr)
         return 2
     except SQLAlchemyError as exc:  # e.g. PostgreSQL unreachable: the driver's reason, never the URL
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = driver_reason(exc)
         print(f"fcl-server: error: database: {reason} (check --database / FCL_DATABASE)", file=sys.stderr)
         return 2
     except Unavailable as exc:

@@ -96,6 +96,11 @@ def _parse(url: str) -> sa.URL:
     return parsed
 
 
+def driver_reason(exc: BaseException) -> str:
+    """The first line of the driver's own message for a database error (never the URL)."""
+    return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+
+
 def create_engine(url: str) -> sa.Engine:
     """An engine for `url`: SQLite (WAL, synchronous=FULL, 30 s busy timeout) or PostgreSQL (psycopg 3)."""
     parsed = _parse(url)

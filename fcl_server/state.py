@@ -802,7 +802,7 @@ def _unavailable_as_domain_error() -> Iterator[None]:
     try:
         yield
     except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+        reason = database.driver_reason(exc)[:200]
         raise Unavailable(f"the state database cannot be reached now ({reason}); retry shortly") from exc
 
 

@@ -60,10 +60,6 @@ class StreamSlots:
                 if not self._open[key]:
                     del self._open[key]
 
-    def open_count(self) -> int:
-        with self._lock:
-            return sum(self._open.values())
-
 
 def idle_message(idle_s: float) -> str:
     return f"no message for {idle_s:g} s: the server ended the idle stream (its --stream-idle-s)"
