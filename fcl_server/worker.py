@@ -91,6 +91,9 @@ class DistillationWorker:
         self.lease_s = lease_s
         self.job_id = 0  # the running job, 0 when idle
         self._lost = threading.Event()  # the running job's lease was taken back
+        # held while job_id changes: a beat renews the job it read before, which may have ended (and the
+        # next one begun) meanwhile; a failed renewal may then drop no run but that job's
+        self._running = threading.Lock()
         self._beat = threading.Thread(target=self._heartbeat, name="obod-heartbeat", daemon=True)
 
     def start(self) -> None:
@@ -121,14 +124,22 @@ class DistillationWorker:
         while True:
             job_id = self.job_id
             try:
-                if job_id and not self.state.renew_lease(job_id, self.worker_id, self.lease_s):
-                    log.warning("job %d: lease lost to another worker; dropping this run", job_id)
-                    self._lost.set()
+                self._renew(job_id)
                 self.state.worker_heartbeat(self.worker_id, socket.gethostname(), os.getpid(), job_id)
             except Exception as exc:  # a database blip: the next beat tries again, within the lease
                 log.warning("worker heartbeat failed: %s", exc)
             if self._stop.wait(self.lease_s / 3) and not self._thread.is_alive():
                 return
+
+    def _renew(self, job_id: int) -> None:
+        """Renew the lease on `job_id` (0: none); lost, it drops that job's run if it is still running."""
+        if not job_id or self.state.renew_lease(job_id, self.worker_id, self.lease_s):
+            return
+        with self._running:
+            if self.job_id != job_id:
+                return  # it ended while the beat was on its way (its lease with it): nothing is lost
+            self._lost.set()
+        log.warning("job %d: lease lost to another worker; dropping this run", job_id)
 
     def _loop(self) -> None:
         # before any torch op here: the intra-op threads this thread starts inherit its priority
@@ -148,12 +159,14 @@ class DistillationWorker:
             if job is None:
                 tick = self.notifier.wait(tick, timeout=self.poll_s)
                 continue
-            self.busy, self.job_id = True, job.job_id
-            self._lost.clear()
+            with self._running:
+                self.busy, self.job_id = True, job.job_id
+                self._lost.clear()
             try:
                 self.run_job(job)
             finally:
-                self.busy, self.job_id = False, 0
+                with self._running:
+                    self.busy, self.job_id = False, 0
                 self.notifier.notify()
 
     def run_job(self, job: Job) -> None:

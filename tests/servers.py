@@ -16,12 +16,16 @@ from common.zoo import SmallModel, parse_spec
 from fcl_server.app import RunningServer, ServerConfig, create_server
 
 
+def write_tiny_corpus(path: Path) -> Path:
+    """A public corpus of 64 short sentences: a job on it takes about a second."""
+    path.write_text("\n".join(f"public sentence number {i} about topic {i % 7}" for i in range(64)))
+    return path
+
+
 def inprocess_server(tmp_path: Path, fm: FoundationModel, **config: Any) -> RunningServer:
     """A real gRPC server on 127.0.0.1:0 sharing the session's FM; a tiny public corpus unless given."""
     if "public_corpus" not in config:
-        corpus = tmp_path / "public.txt"
-        corpus.write_text("\n".join(f"public sentence number {i} about topic {i % 7}" for i in range(64)))
-        config["public_corpus"] = corpus
+        config["public_corpus"] = write_tiny_corpus(tmp_path / "public.txt")
     cfg = ServerConfig(state_dir=tmp_path / "state", listen="127.0.0.1:0", device="cpu", **config)
     return create_server(cfg, fm=fm)
 
@@ -46,7 +50,7 @@ def serve(state: Path, log: Path, tmp: Path, *extra: str) -> ServerProcess:
     """`fcl-server serve` with a tiny public corpus (jobs take about a second) and no upload-rate limit."""
     corpus = tmp / "public.txt"
     if not corpus.exists():
-        corpus.write_text("\n".join(f"public sentence number {i} about topic {i % 7}" for i in range(64)))
+        write_tiny_corpus(corpus)
     return start_server(state, log, "--public-corpus", str(corpus), "--uploads-per-minute", "0", *extra)
 
 

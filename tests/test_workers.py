@@ -9,78 +9,32 @@ from __future__ import annotations
 
 import itertools
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.cluster import ServerProcess, WorkerProcess, start_server, start_worker
+from common.config import OBODConfig
 from common.fm import FoundationModel
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from fcl_client.connection import Connection
 from fcl_server.blobs import BlobDirError
+from fcl_server.service import JobNotifier
 from fcl_server.state import GLOBAL, JobState, State
+from fcl_server.worker import DistillationWorker
+from tests.scale import Cluster, scale_cluster, wait_for
 from tests.servers import enroll, inprocess_server, package_bytes
 
-LEASE_S = 3.0
 LABELS = [["open_door", "close_door"], ["turn_on_light", "dim_light"], ["play_song", "stop_song"]]
-
-
-@dataclass
-class Cluster:
-    url: str
-    frontend: ServerProcess
-    workers: dict[str, WorkerProcess]
-    state: State
-    target: str
-
-
-def _wait(what: Callable[[], object], label: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if what():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {label}")
 
 
 @pytest.fixture()
 def cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
-    corpus = tmp_path / "public.txt"
-    corpus.write_text("\n".join(f"public sentence number {i} about topic {i % 7}" for i in range(64)))
-    shared = tmp_path / "shared"  # the blob dir every process shares (an NFS or RWX volume in production)
-    upgrade = [sys.executable, "-m", "fcl_server.cli", "db", "upgrade", "--database", postgres_url]
-    subprocess.run(upgrade, check=True, capture_output=True)
-    args = ["--database", postgres_url, "--blob-dir", str(shared), "--public-corpus", str(corpus)]
-    frontend = start_server(
-        tmp_path / "fe", tmp_path / "fe.log", *args, "--no-worker", "--uploads-per-minute", "0"
-    )
-    workers: dict[str, WorkerProcess] = {}
-    state = State(postgres_url)
-    try:
-        for name in ("worker-0", "worker-1"):
-            workers[name] = start_worker(
-                name,
-                tmp_path / f"{name}.log",
-                *args,
-                "--state-dir",
-                str(tmp_path / name),
-                "--lease-s",
-                str(LEASE_S),
-            )
-        yield Cluster(postgres_url, frontend, workers, state, frontend.target)
-    finally:
-        for w in workers.values():
-            w.stop()
-        frontend.stop(timeout=60)
-        state.close()
+    with scale_cluster(tmp_path, postgres_url, frontends=1, workers=2) as c:
+        yield c
 
 
 def _upload(c: Cluster, fm: FoundationModel, client: str, token: str, labels: list[str], n: int) -> int:
@@ -103,7 +57,7 @@ def test_two_workers_apply_every_job_once_in_order_and_survive_a_kill(
 
     # one more job; kill -9 the worker that runs it: its lease runs out and the other worker runs it
     job_id = _upload(c, fm, "edge-0", tokens["edge-0"], LABELS[0] + ["lock_door"], 1)
-    _wait(lambda: (j := c.state.job(job_id)) is not None and j.state is JobState.RUNNING, "the job to run")
+    wait_for(lambda: (j := c.state.job(job_id)) is not None and j.state is JobState.RUNNING, "the job to run")
     victim = c.state.job(job_id).worker  # type: ignore[union-attr]
     c.workers[victim].proc.send_signal(signal.SIGKILL)
     c.workers[victim].proc.wait(timeout=30)
@@ -201,3 +155,30 @@ def test_a_front_end_whose_blob_dir_is_not_the_shared_one_is_refused_at_start(
         again.stop(grace=1)  # the shared one is accepted
     finally:
         first.stop(grace=1)
+
+
+def test_a_heartbeat_that_renews_a_job_just_ended_drops_no_other_run(tmp_path: Path) -> None:
+    """A beat reads the running job, then renews its lease: when that job ended meanwhile and the next
+    began, the failed renewal must not drop the next job's run (it would then wait out its lease)."""
+    state = State(tmp_path / "state.db")
+    try:
+        worker = DistillationWorker(
+            state, cast(Any, None), cast(Any, None), OBODConfig(), JobNotifier(), worker_id="w", lease_s=0.2
+        )
+        ended, running = (
+            state.add_upload_and_job(f"edge-{n}", "u-0", "task-00", 0, 1, f"{n}" * 64)[0] for n in range(2)
+        )
+        for job_id in (ended, running):
+            claimed = state.claim_next_job("w", lease_s=0.2)
+            assert claimed is not None and claimed.job_id == job_id
+            if job_id == ended:
+                state.fail_job(ended, "ended", "w")  # final: its lease ended with it
+        worker.job_id = running  # as _loop sets it
+        worker._renew(ended)  # the beat that read `ended` before it ended
+        assert not worker._lost.is_set()
+        # a lease really taken back still drops the run: the next job's, once another worker has it
+        wait_for(lambda: state.claim_next_job("other") is not None, "the lease to run out", timeout=10)
+        worker._renew(running)
+        assert worker._lost.is_set()
+    finally:
+        state.close()
