@@ -1,4 +1,4 @@
-"""Content-addressed blob store: files named by their sha256, written atomically (temp, fsync, rename).
+"""Content-addressed blob store: files named by their sha256, written atomically (temp, fsync, link).
 
 The store may be shared by several server processes, on one host or over a shared filesystem. Each
 process writes its temp files in a directory of its own under `tmp/`, named by host, pid and a random
@@ -148,9 +148,17 @@ class BlobStore:
         return time.time() - max(newest, entry.stat().st_mtime) > self.stale_temp_s or not entry.is_dir()
 
     def _publish(self, tmp: Path, digest: str) -> None:
+        """Link the temp file in under its digest. A blob a concurrent writer published meanwhile (the same
+        bytes: e.g. the FM archive, written by every process that starts at once) is kept, not replaced:
+        a replaced file's open readers on other NFS hosts would fail (ESTALE)."""
         dest = self.path(digest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
+        try:
+            os.link(tmp, dest)  # atomic, and never overwrites
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
         dir_fd = os.open(dest.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -513,26 +513,19 @@ class State:
         """After a crash: jobs left running by `worker` (this process, restarted) or under a lease that
         ran out go back to the queue. They were never half-applied. Jobs that live workers run stay."""
         j = jobs.c
-        mine = sa.or_(j.worker == worker, j.lease_until < time.time())
         with self.tx() as db:
-            query = jobs.update().where(j.state == JobState.RUNNING.value, mine)
-            count = db.execute(
-                query.values(state=JobState.QUEUED.value, started=0, worker="", lease_until=0)
-            ).rowcount
-            # a personalising job keeps its published G: only its claim is released
-            personalising = jobs.update().where(j.state == JobState.PERSONALIZING.value, mine)
-            db.execute(personalising.values(worker="", lease_until=0))
-            return int(count)
+            return _release(db, sa.or_(j.worker == worker, j.lease_until < time.time()))[0]
 
-    def requeue_job(self, job_id: int, worker: str = "") -> None:
-        """Put a job that was interrupted (not failed) back at its place in the queue."""
+    def requeue_job(self, job_id: int, worker: str = "", attempt: int | None = None) -> bool:
+        """Put a job that was interrupted (not failed) back at its place in the queue, at once rather
+        than when its lease runs out; only while it is still `worker`'s, and with `attempt`, on that
+        claim of it (a later claim is left alone). True if it was put back."""
         j = jobs.c
+        mine = sa.and_(j.job_id == job_id, j.worker == worker)
+        if attempt is not None:
+            mine = sa.and_(mine, j.attempts == attempt)
         with self.tx() as db:
-            mine = sa.and_(j.job_id == job_id, j.worker == worker)
-            running = jobs.update().where(mine, j.state == JobState.RUNNING.value)
-            db.execute(running.values(state=JobState.QUEUED.value, started=0, worker="", lease_until=0))
-            personalising = jobs.update().where(mine, j.state == JobState.PERSONALIZING.value)
-            db.execute(personalising.values(worker="", lease_until=0))
+            return sum(_release(db, mine)) > 0
 
     # -- rate limits ---------------------------------------------------------------------------------
     def update_bucket(
@@ -826,6 +819,17 @@ def _upsert(db: sa.Connection, table: sa.Table, values: dict[str, Any]) -> None:
     stmt = _insert(db, table).values(values)
     others = {name: stmt.excluded[name] for name in values if name not in keys}
     db.execute(stmt.on_conflict_do_update(index_elements=keys, set_=others))
+
+
+def _release(db: sa.Connection, which: sa.ColumnElement[bool]) -> tuple[int, int]:
+    """Release the claims on the jobs `which` picks: a running one goes back to the queue (it was never
+    half-applied), a personalising one keeps its published G. Returns (re-queued, released)."""
+    j = jobs.c
+    running = jobs.update().where(j.state == JobState.RUNNING.value, which)
+    requeued = db.execute(running.values(state=JobState.QUEUED.value, started=0, worker="", lease_until=0))
+    personalising = jobs.update().where(j.state == JobState.PERSONALIZING.value, which)
+    released = db.execute(personalising.values(worker="", lease_until=0))
+    return int(requeued.rowcount), int(released.rowcount)
 
 
 def _next_version(db: sa.Connection, scope: str, client_id: str) -> int:

@@ -91,6 +91,9 @@ class DistillationWorker:
         self.lease_s = lease_s
         self.job_id = 0  # the running job, 0 when idle
         self._lost = threading.Event()  # the running job's lease was taken back
+        # a job given up while still this worker's (database away, shutdown): put back at the next
+        # write, so the queue need not wait out its lease (the next global step would wait for it)
+        self._abandoned: Job | None = None
         # held while job_id changes: a beat renews the job it read before, which may have ended (and the
         # next one begun) meanwhile; a failed renewal may then drop no run but that job's
         self._running = threading.Lock()
@@ -149,6 +152,7 @@ class DistillationWorker:
         tick, outage = 0, 0.0
         while not self._stop.is_set():
             try:
+                self._release_abandoned()
                 job = self.state.claim_next_job(self.worker_id, self.lease_s)
             except Unavailable as exc:  # the database is away: wait for it, growing the pause to 10 s
                 outage = min(10.0, max(0.5, 2 * outage))
@@ -168,6 +172,26 @@ class DistillationWorker:
                 with self._running:
                     self.busy, self.job_id = False, 0
                 self.notifier.notify()
+        self._release_at_exit()
+
+    def _release_abandoned(self) -> None:
+        """Put the job this worker gave up back in the queue, if it still holds that claim of it (one
+        taken back meanwhile, even by this worker again, is left alone). Unavailable: try again later."""
+        job = self._abandoned
+        if job is None:
+            return
+        if self.state.requeue_job(job.job_id, self.worker_id, job.attempts):
+            log.info("job %d (client %s, %s) re-queued", job.job_id, job.client_id, job.task_key)
+        self._abandoned = None
+
+    def _release_at_exit(self) -> None:
+        job = self._abandoned
+        if job is None:
+            return
+        try:
+            self._release_abandoned()
+        except Exception as exc:  # the database is away at shutdown: the job's lease runs out instead
+            log.warning("could not re-queue job %d (%s); it runs again once its lease ends", job.job_id, exc)
 
     def run_job(self, job: Job) -> None:
         """Run one job; logs exactly one INFO (or ERROR) line with its outcome and duration."""
@@ -175,20 +199,21 @@ class DistillationWorker:
         log.debug("job %d (client %s, %s) running", job.job_id, job.client_id, job.task_key)
         try:
             versions = self._distill(job)
-        except Unavailable as exc:  # nothing was applied; the job is run again once its lease runs out
+        except Unavailable as exc:  # nothing was applied; the job is re-queued once the database is back
+            self._abandoned = job
             self._finished(job, "interrupted", started, f"stopped after {{s}}: {exc}")
             return
         except (Cancelled, LeaseLost) as exc:
             if self._lost.is_set() or isinstance(exc, LeaseLost):
                 self._finished(job, "lost", started, f"dropped after {{s}}: {exc or 'lease lost'}")
                 return
-            self.state.requeue_job(job.job_id, self.worker_id)
+            self._abandoned = job  # re-queued as the worker stops
             self._finished(
                 job, "interrupted", started, "interrupted by shutdown; re-queued for the next start (ran {s})"
             )
             return
         except Exception as exc:  # a bad job must not stop the worker; it is recorded as failed
-            self.state.fail_job(job.job_id, f"{type(exc).__name__}: {exc}", self.worker_id)
+            self._fail(job, exc)
             self._finished(
                 job, "failed", started, f"failed after {{s}}: {type(exc).__name__}: {exc}", exc_info=True
             )
@@ -196,6 +221,12 @@ class DistillationWorker:
         self._finished(
             job, "done", started, f"done in {{s}}: global v{versions[0]}, personal v{versions[1]}", versions
         )
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        try:
+            self.state.fail_job(job.job_id, f"{type(exc).__name__}: {exc}", self.worker_id)
+        except Unavailable:  # its failure cannot be recorded now: it is re-queued, and runs again
+            self._abandoned = job
 
     def _finished(
         self,

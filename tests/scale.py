@@ -35,6 +35,7 @@ class Cluster:
     state: State
     frontends: list[ServerProcess] = field(default_factory=list)
     workers: dict[str, WorkerProcess] = field(default_factory=dict)
+    lease_s: float = LEASE_S  # the workers'
 
     @property
     def frontend(self) -> ServerProcess:
@@ -51,18 +52,20 @@ class Cluster:
 
     def start_worker(self, name: str) -> WorkerProcess:
         log, state_dir = self.root / f"{name}.log", str(self.root / name)
-        return start_worker(name, log, *self.args, "--state-dir", state_dir, "--lease-s", str(LEASE_S))
+        return start_worker(name, log, *self.args, "--state-dir", state_dir, "--lease-s", str(self.lease_s))
 
 
 @contextmanager
-def scale_cluster(root: Path, url: str, frontends: int = 1, workers: int = 2) -> Iterator[Cluster]:
+def scale_cluster(
+    root: Path, url: str, frontends: int = 1, workers: int = 2, lease_s: float = LEASE_S
+) -> Iterator[Cluster]:
     """Migrate the database, start the processes (at once: each start is mostly loading the FM), and
     stop them all at the end, killed ones included."""
     corpus = write_tiny_corpus(root / "public.txt")
     shared = root / "shared"
     args = ("--database", url, "--blob-dir", str(shared), "--public-corpus", str(corpus))
     # in process, as `fcl-server db upgrade` does it (tested in test_storage): one process start less
-    c = Cluster(url, root, shared, args, State(url, upgrade=True))
+    c = Cluster(url, root, shared, args, State(url, upgrade=True), lease_s=lease_s)
     try:
         _start_all(c, frontends, [f"worker-{i}" for i in range(workers)])
         yield c

@@ -1,4 +1,5 @@
-"""A blob store shared by several processes: each clears only the temp files of processes that are gone."""
+"""A blob store shared by several processes: each clears only the temp files of processes that are gone,
+and none replaces a blob another one published."""
 
 from __future__ import annotations
 
@@ -54,3 +55,19 @@ def test_a_temp_dir_swept_while_idle_comes_back(tmp_path: Path) -> None:
     assert path.parent == store.tmp and path.exists()
     store.close()
     assert not store.tmp.exists()
+
+
+def test_a_blob_a_concurrent_writer_published_first_is_kept_not_replaced(tmp_path: Path) -> None:
+    """Two processes write the same bytes at once (the FM archive, at a simultaneous start), each
+    having found no blob: the later one publishes onto the blob of the first."""
+    first, second = BlobStore(tmp_path / "blobs"), BlobStore(tmp_path / "blobs")
+    data = b"the FM archive"
+    late = second.new_temp()
+    late.write_bytes(data)
+    digest = first.put_bytes(data)
+    kept = first.path(digest).stat().st_ino
+    with first.path(digest).open("rb") as download:  # a reader of the published blob
+        second._publish(late, digest)  # past put_file's exists() check, as in the race
+        assert download.read() == data
+    assert first.path(digest).stat().st_ino == kept and not late.exists()
+    assert second.read(digest) == data

@@ -181,7 +181,8 @@ def kill_worker_mid_job(c: Cluster, since: float) -> Job:
     def running() -> Job | None:
         live = {name for name, w in c.workers.items() if w.proc.poll() is None}
         # claimed since the last fault: a job the database outage interrupted stays RUNNING under the
-        # worker that gave it up until its lease runs out, and killing that worker would hit no job
+        # worker that gave it up until that worker reaches the database again and re-queues it, and
+        # killing the worker before would hit no job
         jobs = c.state.jobs(200)
         return next(
             (j for j in jobs if j.state is JobState.RUNNING and j.worker in live and j.started > since), None

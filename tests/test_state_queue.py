@@ -171,6 +171,19 @@ def test_requeue_running_puts_jobs_back(state: State) -> None:
     assert state.requeue_running("worker@b:1") == 0
 
 
+def test_requeue_job_releases_only_the_claim_it_names(state: State) -> None:
+    job_id, _ = upload(state, "c1", "u1")
+    assert state.claim_next_job("w", lease_s=0.05).attempts == 1  # type: ignore[union-attr]
+    time.sleep(0.1)
+    again = state.claim_next_job("w")  # the lease ran out: claimed again, by the same worker
+    assert again is not None and again.job_id == job_id and again.attempts == 2
+    assert not state.requeue_job(job_id, "w", attempt=1)  # a release of the old claim misses the new
+    assert not state.requeue_job(job_id, "other", attempt=2)
+    assert state_of(state, job_id) is JobState.RUNNING
+    assert state.requeue_job(job_id, "w", attempt=2)
+    assert state_of(state, job_id) is JobState.QUEUED
+
+
 def test_complete_job_bumps_versions_and_registers_labels_once(state: State) -> None:
     assert state.head(GLOBAL, "") is None
     upload(state, "c1", "u1")

@@ -9,26 +9,31 @@ from __future__ import annotations
 
 import itertools
 import signal
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
 import grpc
+import psycopg
 import pytest
+import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.config import OBODConfig
 from common.fm import FoundationModel
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from fcl_client.connection import Connection
-from fcl_server.blobs import BlobDirError
+from fcl_server.blobs import BlobDirError, BlobStore
 from fcl_server.service import JobNotifier
-from fcl_server.state import GLOBAL, JobState, State
+from fcl_server.state import GLOBAL, Job, JobState, State
 from fcl_server.worker import DistillationWorker
 from tests.scale import Cluster, scale_cluster, wait_for
 from tests.servers import enroll, inprocess_server, package_bytes
 
 LABELS = [["open_door", "close_door"], ["turn_on_light", "dim_light"], ["play_song", "stop_song"]]
+LONG_LEASE_S = 60.0  # a job left to its lease would be done only this long after its claim
 
 
 @pytest.fixture()
@@ -83,6 +88,73 @@ def test_two_workers_apply_every_job_once_in_order_and_survive_a_kill(
     survivor = next(n for n in c.workers if n != victim)
     assert survivor in seen and seen[survivor].pid == c.workers[survivor].proc.pid
     assert victim in seen and seen[victim].heartbeat < seen[survivor].heartbeat  # it stopped beating
+
+
+@contextmanager
+def heads_locked(url: str) -> Iterator[None]:
+    """Hold the heads table (ACCESS EXCLUSIVE) until the end: a job claimed meanwhile waits at its first
+    read of G, so it is surely mid-way when the test strikes. Its own connection, outside any pool."""
+    plain = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = psycopg.connect(plain)
+    try:
+        conn.execute("LOCK TABLE heads IN ACCESS EXCLUSIVE MODE")
+        yield
+    finally:
+        conn.close()  # a connection the outage broke closes quietly too
+
+
+def _queue(c: Cluster, fm: FoundationModel, client: str, labels: list[str], n: int) -> int:
+    """Queue a job as a front-end does (the package in the shared blob dir, then its rows): no front-end
+    process to start."""
+    data = package_bytes(fm, labels)
+    blobs = BlobStore(c.blob_dir / "blobs")
+    try:
+        digest = blobs.put_bytes(data)
+    finally:
+        blobs.close()
+    return c.state.add_upload_and_job(client, f"{client}-{n}", f"task-{n:02d}", n, len(data), digest)[0]
+
+
+def _job(c: Cluster, job_id: int) -> Job:
+    job = c.state.job(job_id)
+    assert job is not None
+    return job
+
+
+def test_a_worker_releases_the_job_it_gives_up_at_once_not_at_its_lease_end(
+    tmp_path: Path, postgres: Any, postgres_url: str, fm: FoundationModel
+) -> None:
+    """The database goes away mid-job, or the worker gets SIGTERM: the job goes back to the queue as
+    soon as the worker can write, not when its lease runs out (meanwhile no global step would run)."""
+    with scale_cluster(tmp_path, postgres_url, frontends=0, workers=1, lease_s=LONG_LEASE_S) as c:
+        worker = c.workers["worker-0"]
+        with heads_locked(c.url):
+            first = _queue(c, fm, "edge-0", LABELS[0], 0)
+            wait_for(lambda: _job(c, first).state is JobState.RUNNING, "the job to run")
+            postgres.pause()
+            try:
+                gave_up = lambda: "stopped after" in worker.log_path.read_text()  # noqa: E731
+                wait_for(gave_up, "the worker to give the job up", timeout=30)
+            finally:
+                postgres.resume()
+        back = time.monotonic()
+        wait_for(lambda: _job(c, first).state is JobState.DONE, "the job to be done", timeout=LONG_LEASE_S)
+        took = time.monotonic() - back
+        print(f"job done {took:.1f}s after the database came back (lease {LONG_LEASE_S:.0f}s)")
+        assert took < LONG_LEASE_S / 4, f"the job waited out its lease: done {took:.1f}s after the outage"
+        done = _job(c, first)
+        assert done.attempts == 2 and done.global_version == 1  # run again, applied once
+        assert c.state.head(GLOBAL, "", version=2) is None
+
+        # SIGTERM mid-job: the worker puts its job back before it exits
+        with heads_locked(c.url):
+            second = _queue(c, fm, "edge-0", LABELS[1], 1)
+            wait_for(lambda: _job(c, second).state is JobState.RUNNING, "the next job to run")
+            worker.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: "shutting down" in worker.log_path.read_text(), "the worker to stop")
+        assert worker.proc.wait(timeout=60) == 0
+        left = _job(c, second)
+        assert left.state is JobState.QUEUED and left.worker == "" and left.started == 0
 
 
 def test_upload_limits_hold_for_a_client_that_spreads_its_calls_over_front_ends(
