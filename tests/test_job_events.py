@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +14,9 @@ from fcl_client.connection import Connection
 from fcl_server.app import ServerConfig
 from fcl_server.state import State
 from fcl_server.worker_app import create_worker
-from tests.servers import enroll, inprocess_server, package_bytes
+from tests.servers import enroll, inprocess_server, package_bytes, wait_until
 
 FALLBACK_S = 300.0  # the watch's poll: far longer than the test, so only a notification can wake it
-
-
-def _wait(done: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_a_watcher_on_a_front_end_without_a_worker_sees_its_job_end_at_once(
@@ -68,19 +59,19 @@ def test_the_listener_reconnects_after_the_database_restarts_and_wakes_every_wat
     heard = threading.Event()
     try:
         assert listening.listen_jobs(heard.set)
-        _wait(heard.is_set, "the first connection's wake-up")
+        wait_until(heard.is_set, "the first connection's wake-up")
         heard.clear()
         writer.add_upload_and_job("edge-0", "u-0", "task-00", 0, 10, "0" * 64)
-        _wait(heard.is_set, "the new job's notification", timeout=5)
+        wait_until(heard.is_set, "the new job's notification", timeout=5.0)
 
         postgres.pause()
         heard.clear()
         postgres.resume()
         # notifications sent while it was away are lost: once back, it wakes every watcher to read again
-        _wait(heard.is_set, "the wake-up after reconnecting")
+        wait_until(heard.is_set, "the wake-up after reconnecting")
         heard.clear()
         writer.add_upload_and_job("edge-0", "u-1", "task-01", 1, 10, "1" * 64)
-        _wait(heard.is_set, "a notification on the new connection", timeout=5)
+        wait_until(heard.is_set, "a notification on the new connection", timeout=5.0)
     finally:
         writer.close()
         listening.close()
