@@ -19,8 +19,15 @@ MAX_BACKOFF_S = 10.0
 # how long one wait for notifications lasts: the listener sees close() at least this often
 WAIT_S = 1.0
 # TCP keepalives on the listening connection: a database host that vanished without closing the
-# connection (a cut network) is noticed in about 10 s, not after the kernel's default of hours
-KEEPALIVES = {"keepalives": 1, "keepalives_idle": 4, "keepalives_interval": 2, "keepalives_count": 3}
+# connection (a cut network) is noticed in about 10 s, not after the kernel's default of hours; and a
+# connect to a host that does not answer gives up after 10 s (libpq waits forever by default)
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 4,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "connect_timeout": 10,
+}
 
 
 def notify_job(db: sa.Connection, job_id: int = 0) -> None:

@@ -27,7 +27,10 @@ def test_a_watcher_on_a_front_end_without_a_worker_sees_its_job_end_at_once(
     shared = {"database": postgres_url, "blob_dir": tmp_path / "shared"}
     frontend = inprocess_server(tmp_path / "fe", fm, worker=False, watch_fallback_s=FALLBACK_S, **shared)
     corpus = tmp_path / "fe" / "public.txt"  # inprocess_server's tiny corpus: a job takes about a second
-    config = ServerConfig(state_dir=tmp_path / "worker", public_corpus=corpus, device="cpu", **shared)
+    # worker_nice=0: a niced worker thread starves while other jobs load the machine
+    config = ServerConfig(
+        state_dir=tmp_path / "worker", public_corpus=corpus, device="cpu", worker_nice=0, **shared
+    )
     worker = create_worker(config, "worker-0", fm=fm)
     try:
         assert frontend.service.limits.watch_poll_s == FALLBACK_S

@@ -32,6 +32,7 @@ from benchmarks import pg
 from benchmarks.cluster import ServerProcess, issue_tokens, start_server, start_workers
 from benchmarks.perf.concurrency import UploadBurst, median_burst
 from benchmarks.perf.harness import package_of_size
+from benchmarks.perf.util import load_average
 from common.datasets import builtin
 from fcl_client.connection import Connection
 from fcl_server.state import GLOBAL, Job, JobState, State
@@ -285,13 +286,15 @@ def run(settings: dict[str, Any], steps: list[str]) -> dict[str, Any]:
             tmp = Path(tmp_dir)
             os.chmod(tmp, 0o755)
             for step in steps:
-                s = settings[step]
+                s, started = settings[step], time.perf_counter()
                 if step == "drain":
                     out[step] = drain_step(cluster, tmp, s["uploads"], s["labels"], s["workers"])
                 elif step == "bursts":
                     out[step] = bursts_step(cluster, tmp, s["sizes"], s["package_bytes"])
                 elif step == "curve":
                     out[step] = curve_step(cluster, tmp, s["uploads"], s["labels"], s["workers"])
+                # the machine is shared: what else ran shows in the load at each step's end
+                out[step].update(step_wall_s=time.perf_counter() - started, load_average_after=load_average())
     finally:
         cluster.stop()
     return out
