@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -103,12 +104,23 @@ def _launch(
     cmd: list[str], log_path: Path, ready: Callable[[], bool], what: str, wait_s: float
 ) -> subprocess.Popen[bytes]:
     """Start `cmd` logging to `log_path` and wait until `ready()`; kill it and raise if it never is."""
+    proc = _popen(cmd, log_path)
+    _wait_ready(proc, log_path, ready, what, wait_s)
+    return proc
+
+
+def _popen(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
+
+
+def _wait_ready(
+    proc: subprocess.Popen[bytes], log_path: Path, ready: Callable[[], bool], what: str, wait_s: float
+) -> None:
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if ready():
-            return proc
+            return
         if proc.poll() is not None:
             break
         time.sleep(0.1)
@@ -153,14 +165,24 @@ def start_client(
 
 def issue_token(state: Path | None, name: str, admin: bool = False, database: str | None = None) -> str:
     """Issue a token in process, as `enroll` does without starting a process (the server may run)."""
+    return issue_tokens(state, [name], admin, database)[0]
+
+
+def issue_tokens(
+    state: Path | None, names: list[str], admin: bool = False, database: str | None = None
+) -> list[str]:
+    """One token for each name, on one open database (a benchmark enrolls a thousand clients)."""
     from fcl_server.app import open_state
     from fcl_server.cli import new_token
 
-    token = new_token()
+    tokens = [new_token() for _ in names]
     db = open_state(state, database)
-    db.add_token(token, name, admin)
-    db.close()
-    return token
+    try:
+        for name, token in zip(names, tokens, strict=True):
+            db.add_token(token, name, admin)
+    finally:
+        db.close()
+    return tokens
 
 
 @dataclass
@@ -176,6 +198,26 @@ class WorkerProcess:
 
 def start_worker(name: str, log_path: Path, *args: str, wait_s: float = 180.0) -> WorkerProcess:
     """Run `fcl-server worker --worker-id NAME ARGS` and wait until it says it runs."""
-    cmd = [sys.executable, "-m", "fcl_server.cli", "worker", "--worker-id", name, *args]
-    running = lambda: f"worker {name} running" in log_path.read_text(errors="replace")  # noqa: E731
-    return WorkerProcess(name, _launch(cmd, log_path, running, f"fcl-server worker {name}", wait_s), log_path)
+    return start_workers({name: log_path}, *args, wait_s=wait_s)[0]
+
+
+def start_workers(logs: dict[str, Path], *args: str, wait_s: float = 180.0) -> list[WorkerProcess]:
+    """Start a worker per name (logging to its path) all at once, then wait until each says it runs:
+    they begin claiming within moments of each other, not a process start-up apart."""
+    started: list[WorkerProcess] = []
+    try:
+        for name, log in logs.items():
+            cmd = [sys.executable, "-m", "fcl_server.cli", "worker", "--worker-id", name, *args]
+            started.append(WorkerProcess(name, _popen(cmd, log), log))
+        for w in started:
+            running = functools.partial(_says, w.log_path, f"worker {w.name} running")
+            _wait_ready(w.proc, w.log_path, running, f"fcl-server worker {w.name}", wait_s)
+    except BaseException:
+        for w in started:
+            w.proc.kill()
+        raise
+    return started
+
+
+def _says(log_path: Path, text: str) -> bool:
+    return text in log_path.read_text(errors="replace")

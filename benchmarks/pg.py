@@ -40,10 +40,14 @@ def _free_port() -> int:
 
 
 class Cluster:
-    """One cluster for a test session; `new_database()` gives each test an empty database of its own."""
+    """One cluster for a test session; `new_database()` gives each test an empty database of its own.
 
-    def __init__(self, bin_dir: Path) -> None:
+    Commits are not flushed to disk (fsync off) unless `durable`: tests need no durability, and a
+    benchmark that compares against SQLite's flushed commits must pay for its own."""
+
+    def __init__(self, bin_dir: Path, durable: bool = False) -> None:
         self.bin = bin_dir
+        self.durable = durable
         self.root = Path(tempfile.mkdtemp(prefix="fcl-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
@@ -80,18 +84,18 @@ class Cluster:
             log = self.log.read_text()[-2000:] if self.log.exists() else ""
             raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stderr.strip()[-2000:]}\n{log}")
 
-    def start(self) -> None:
-        options = (
-            "-c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-            f"-c unix_socket_directories={self.root} -c max_connections=200 -c shared_buffers=32MB"
+    def _options(self) -> str:
+        flushed = "" if self.durable else "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+        return (
+            f"-c listen_addresses=127.0.0.1 {flushed}-c unix_socket_directories={self.root} "
+            f"-c max_connections=200 -c shared_buffers=32MB -p {self.port}"
         )
+
+    def start(self) -> None:
         for attempt in range(3):  # the free port may be taken before postgres binds it
             self.port = _free_port()
             try:
-                self._run(
-                    "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
-                    "-o", f"{options} -p {self.port}", "start",
-                )  # fmt: skip
+                self.resume()
                 return
             except RuntimeError:
                 if attempt == 2:
@@ -102,14 +106,9 @@ class Cluster:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
 
     def resume(self) -> None:
-        options = (
-            "-c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-            f"-c unix_socket_directories={self.root} -c max_connections=200 -c shared_buffers=32MB"
-        )
-        self._run(
-            "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
-            "-o", f"{options} -p {self.port}", "start",
-        )  # fmt: skip
+        """Start the server on its port (start() picks the port)."""
+        log = ["-l", str(self.log)]
+        self._run("pg_ctl", "-D", str(self.data), *log, "-w", "-t", "60", "-o", self._options(), "start")
 
     def stop(self) -> None:
         try:

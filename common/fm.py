@@ -181,7 +181,7 @@ def cached_features(
         return load_file(str(path))["features"]
     log.info("encoding %d texts with %s (cached at %s)", len(texts), fm.name, path)
     features = fm.encode(texts, progress=progress)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes sharing the dir write apart
     save_file({"features": features.contiguous()}, str(tmp))
     os.replace(tmp, path)
     return features

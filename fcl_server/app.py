@@ -32,7 +32,7 @@ from fcl_server.database import database_url
 from fcl_server.fm_host import FMHost, read_public_corpus
 from fcl_server.interceptor import AdmissionInterceptor, ObservingInterceptor
 from fcl_server.metrics import ServerMetrics
-from fcl_server.service import FclService, ServerLimits
+from fcl_server.service import WATCH_POLL_S, FclService, ServerLimits
 from fcl_server.servicer import FclServicer
 from fcl_server.state import DEFAULT_LEASE_S, State
 from fcl_server.streams import StreamLimits
@@ -57,6 +57,12 @@ class ServerConfig(BaseModel):
     worker: bool = Field(True, description="run a distillation worker in this process (False: a front-end)")
     lease_s: float = Field(
         DEFAULT_LEASE_S, gt=1, description="a claimed job is the worker's this long after its last heartbeat"
+    )
+    watch_fallback_s: float = Field(
+        15.0,
+        gt=0,
+        description="on PostgreSQL, where job changes wake WatchJob (LISTEN/NOTIFY), it also re-reads its "
+        "job this often; on SQLite it polls every second",
     )
     fm: str = DEFAULT_FM
     public_corpus: Path | None = Field(None, description="unlabeled text, one sentence per line")
@@ -268,10 +274,12 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
         uploads_per_minute=config.uploads_per_minute,
         upload_mb_per_hour=config.upload_mb_per_hour,
         max_watchers=config.watchers(),
+        watch_poll_s=config.watch_fallback_s if state.pushes_job_events else WATCH_POLL_S,
         client_quota_mb=config.client_quota_mb,
         max_metric_rows=config.max_metric_rows,
     )
     service = FclService(state, blobs, fm_host, limits)
+    state.listen_jobs(service.notifier.notify)  # other processes' job changes wake watchers and the worker
     metrics = ServerMetrics()
     worker = DistillationWorker(
         state,

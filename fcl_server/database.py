@@ -98,7 +98,8 @@ def _parse(url: str) -> sa.URL:
 
 def driver_reason(exc: BaseException) -> str:
     """The first line of the driver's own message for a database error (never the URL)."""
-    return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def create_engine(url: str) -> sa.Engine:

@@ -40,6 +40,7 @@ HELPER_THREADS = 4  # uploads validated at once off their handler threads (one h
 # each), name (64), three numbers and SQLite's row and index overhead
 METRIC_ROW_BYTES = 512
 MIB = 1024 * 1024
+WATCH_POLL_S = 1.0  # how often a watch re-reads its job where nothing else tells it of changes (SQLite)
 _ID_RULE = f"1-{wire.ID_MAX_CHARS} letters, digits, '_', '.' or '-', starting with a letter or digit"
 
 
@@ -84,6 +85,9 @@ class ServerLimits:
     # clients can never take every thread from the calls that do work
     max_watchers: int = 16
     watch_slice_s: float = 30.0
+    # a watch re-reads its job this often when nothing woke it: job changes in this process wake it at
+    # once, and so do other processes' on PostgreSQL (LISTEN/NOTIFY, where this is only a fallback)
+    watch_poll_s: float = WATCH_POLL_S
     # what one client may make the server store: its accepted packages, its unfinished uploads (their
     # declared sizes) and its metric rows (METRIC_ROW_BYTES each), in MiB; 0 disables the quota
     client_quota_mb: int = 1024

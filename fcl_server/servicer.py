@@ -254,7 +254,7 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
                 left = ends - time.monotonic()
                 if job.state.final or left <= 0:
                     return  # not final: the client watches again (see ServerLimits.max_watchers)
-                tick = await self.ticks.wait(tick, timeout=min(1.0, left))
+                tick = await self.ticks.wait(tick, timeout=min(self.service.limits.watch_poll_s, left))
 
     def _job_and_position(self, principal: Principal, job_id: int) -> tuple[Any, int]:
         job = self.service.job(principal, job_id)

@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from fcl_server import database
 from fcl_server.errors import Unavailable
+from fcl_server.job_events import JobListener, listener_for, notify_job
 from fcl_server.schema import (
     clients,
     heads,
@@ -176,6 +177,7 @@ class State:
         self.url = database.mask(url)
         self._engine: sa.Engine | None = database.create_engine(url)
         self._lock = threading.RLock()
+        self._listener: JobListener | None = None
         try:
             auto = self._engine.dialect.name == "sqlite" if upgrade is None else upgrade
             database.ensure_current(self._engine, auto)
@@ -193,7 +195,22 @@ class State:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    @property
+    def pushes_job_events(self) -> bool:
+        """Whether other processes' job changes can be heard (listen_jobs) rather than polled for."""
+        return self.dialect == "postgresql"
+
+    def listen_jobs(self, on_change: Callable[[], None]) -> bool:
+        """Call `on_change()` whenever any process changes a job (PostgreSQL LISTEN/NOTIFY), and once
+        after each reconnect of the listening connection; until close(). False on SQLite: poll."""
+        if self._listener is None:
+            self._listener = listener_for(self.engine, on_change)
+        return self._listener is not None
+
     def close(self) -> None:
+        if self._listener is not None:  # before the engine: the listener's thread exits within WAIT_S
+            self._listener.close()
+            self._listener = None
         with self._lock:
             if self._engine is not None:
                 self._engine.dispose()
@@ -358,6 +375,7 @@ class State:
                     job_id=job_id,
                 )
             )
+            notify_job(db, job_id)  # a worker may claim it; watchers of queued jobs see the queue grow
             return job_id, False
 
     def client_storage(self, client_id: str) -> tuple[int, int]:
@@ -448,6 +466,7 @@ class State:
                     ).scalar()
                 if newer is None:
                     break
+                notify_job(db, row.job_id)
                 db.execute(
                     jobs.update()
                     .where(j.job_id == row.job_id)
@@ -468,6 +487,7 @@ class State:
                     lease_until=now + lease_s,
                 )
             )
+            notify_job(db, row.job_id)
             claimed = db.execute(sa.select(jobs).where(j.job_id == row.job_id)).one()
             return _job(claimed._mapping)
 
@@ -514,7 +534,9 @@ class State:
         ran out go back to the queue. They were never half-applied. Jobs that live workers run stay."""
         j = jobs.c
         with self.tx() as db:
-            return _release(db, sa.or_(j.worker == worker, j.lease_until < time.time()))[0]
+            count = _release(db, sa.or_(j.worker == worker, j.lease_until < time.time()))[0]
+            notify_job(db)  # several jobs, maybe
+            return count
 
     def requeue_job(self, job_id: int, worker: str = "", attempt: int | None = None) -> bool:
         """Put a job that was interrupted (not failed) back at its place in the queue, at once rather
@@ -525,7 +547,10 @@ class State:
         if attempt is not None:
             mine = sa.and_(mine, j.attempts == attempt)
         with self.tx() as db:
-            return sum(_release(db, mine)) > 0
+            released = sum(_release(db, mine)) > 0
+            if released:
+                notify_job(db, job_id)
+            return released
 
     # -- rate limits ---------------------------------------------------------------------------------
     def update_bucket(
@@ -590,6 +615,7 @@ class State:
                 .where(j.job_id == job_id, j.state.in_(_CLAIMED), j.worker == worker)
                 .values(state=JobState.FAILED.value, message=message[:2000], finished=time.time())
             )
+            notify_job(db, job_id)
 
     def complete_job(
         self,
@@ -682,6 +708,7 @@ class State:
             _upsert(db, kv, {"key": "stats_bank", "value": bank_blob})
         # the job row is RUNNING until its caller moves it on: complete_job straight to DONE
         db.execute(jobs.update().where(jobs.c.job_id == job.job_id).values(global_version=gv))
+        notify_job(db, job.job_id)  # the next global step may be claimed now
         return gv
 
     def _publish_personal(
@@ -708,6 +735,7 @@ class State:
             .where(jobs.c.job_id == job.job_id)
             .values(state=JobState.DONE.value, message="", finished=now, personal_version=pv)
         )
+        notify_job(db, job.job_id)
         return pv
 
     # -- heads, labels, metrics, kv -------------------------------------------------------------

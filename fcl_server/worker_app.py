@@ -19,8 +19,9 @@ from fcl_server.state import State
 from fcl_server.worker import DistillationWorker, default_worker_id
 
 log = logging.getLogger(__name__)
-# nothing in a worker process is told of new jobs: it polls, often enough to pick up the next global
-# step while another worker personalises (a query on an index, a few per second per worker)
+# on PostgreSQL a worker hears of new jobs and finished global steps (LISTEN/NOTIFY); it also polls,
+# often enough to pick up the next global step while another worker personalises should a notification
+# be lost (a query on an index, a few per second per worker)
 POLL_S = 0.2
 
 
@@ -54,12 +55,14 @@ def create_worker(
     fm = fm or FoundationModel(config.fm, device=config.device)
     corpus = read_public_corpus(config.public_corpus or default_public_corpus())
     fm_host = FMHost(fm, state, blobs, corpus, config.state_dir / "cache")
+    notifier = JobNotifier()
+    state.listen_jobs(notifier.notify)  # on SQLite nothing tells the worker: it polls every POLL_S
     worker = DistillationWorker(
         state,
         blobs,
         fm_host,
         config.obod,
-        JobNotifier(),  # nothing in this process notifies: the worker polls the queue every second
+        notifier,
         config.device,
         nice=config.worker_nice,
         worker_id=worker_id or default_worker_id("worker"),

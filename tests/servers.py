@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,14 @@ def serve(state: Path, log: Path, tmp: Path, *extra: str) -> ServerProcess:
     if not corpus.exists():
         write_tiny_corpus(corpus)
     return start_server(state, log, "--public-corpus", str(corpus), "--uploads-per-minute", "0", *extra)
+
+
+def wait_until(check: Callable[[], object], what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.02)
 
 
 def held_parts(state: Path, client: str) -> dict[str, int]:

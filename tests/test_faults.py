@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,17 +18,9 @@ from common.stubs.fcl.v1 import fcl_pb2 as pb
 from fcl_client.checkpoint import CheckpointStore
 from fcl_client.connection import CHUNK_SIZE, Connection
 from tests.faultproxy import DOWN, UP, FaultProxy
-from tests.servers import accepted, enroll, held_parts, package_bytes, serve
+from tests.servers import accepted, enroll, held_parts, package_bytes, serve, wait_until
 
 KB = 1024
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.02)
 
 
 def spy(conn: Connection, rpc: str, offset_of: Callable[[Any], int]) -> list[int]:

@@ -9,12 +9,17 @@ from typing import Any
 import grpc
 import pytest
 
-from benchmarks.perf import concurrency, flower, jobs, transfer
-from benchmarks.perf.__main__ import goals, headline, kept_parts
+from benchmarks import pg
+from benchmarks.cluster import issue_tokens
+from benchmarks.perf import concurrency, flower, jobs, scale, transfer
+from benchmarks.perf.__main__ import goals, headline, kept_parts, kept_steps
 from benchmarks.perf.harness import package_of_size
 from benchmarks.perf.plots import is_perf_doc, render_perf
 from benchmarks.perf.util import percentile
+from common.datasets import builtin
+from common.fm import FoundationModel
 from common.package import PackageLimits, decode_package
+from tests.servers import inprocess_server
 
 MB = 1_000_000
 
@@ -88,15 +93,15 @@ def test_headline_numbers_and_goal_verdicts() -> None:
         "concurrency_200_errors": False,
         **dict.fromkeys(("hostile_check_p99_s", "hostile_register_p99_ratio"), None),
         **dict.fromkeys(("hostile_upload_p99_ratio", "hostile_errors"), None),
-        "scale_drain_ratio_2_vs_1": None,
+        **dict.fromkeys(("scale_drain_ratio_2_vs_1", "scale_burst_200_p99_ratio"), None),
+        "scale_burst_1000_errors": None,
     }
     assert goals(headline({}))["fe_ratio_vs_limit"]["met"] is None
-    scale = {"scale_drain_ratio_2_vs_1": 1.4, "scale_global_step_share": 0.5}
-    assert goals(headline({"scale": scale}))["scale_drain_ratio_2_vs_1"] == {
-        "goal": ">= 1.6",
-        "value": 1.4,
-        "met": False,
-    }
+    drain = {"scale_drain_ratio_2_vs_1": 1.4, "scale_global_step_share": 0.5}
+    bursts = {"scale_burst_200_p99_ratio": 1.1, "scale_burst_1000_errors": 3}
+    verdicts = goals(headline({"scale": {"drain": drain, "bursts": bursts}}))
+    assert verdicts["scale_drain_ratio_2_vs_1"] == {"goal": ">= 1.6", "value": 1.4, "met": False}
+    assert verdicts["scale_burst_200_p99_ratio"]["met"] and not verdicts["scale_burst_1000_errors"]["met"]
     hostile = {"hostile_check_p99_s": 0.05, "hostile_register_p99_ratio": 3.0, "hostile_errors": 0}
     verdicts = {k: v["met"] for k, v in goals(headline({"hostile": hostile})).items() if "hostile" in k}
     assert verdicts == {
@@ -215,3 +220,49 @@ def test_flower_and_ours_take_turns_and_their_rounds_are_pooled(monkeypatch: pyt
     assert calls == [("flower", 12), ("ours", 12)] * 4
     assert len(size["ours_runs_s"]) == len(size["flower_runs_s"]) == 48
     assert size["ours_round_s"] == 0.020 and size["ratio"] == pytest.approx(0.5)  # pooled, not the first turn
+
+
+def test_update_keeps_the_scale_steps_not_run_again_also_from_before_there_were_steps(tmp_path: Path) -> None:
+    earlier = tmp_path / "perf.json"
+    flat = {"runs": [], "scale_drain_ratio_2_vs_1": 1.4, "command": "python -m benchmarks.perf --parts scale"}
+    earlier.write_text(json.dumps({"plan": {"scale": {"uploads": 40}}, "scale": flat}))
+    doc: dict[str, Any] = {"plan": {"scale": {}}}
+    assert kept_steps(earlier, ["bursts", "curve"], doc) == {"drain": flat}
+    assert doc["plan"]["scale"] == {"drain": {"uploads": 40}}
+    nested = {"drain": flat, "bursts": {"scale_burst_1000_errors": 0, "command": "x"}}
+    earlier.write_text(
+        json.dumps({"command": "y", "plan": {"scale": {"bursts": {"sizes": []}}}, "scale": nested})
+    )
+    doc = {"plan": {"scale": {}}}
+    assert kept_steps(earlier, ["drain"], doc) == {"bursts": nested["bursts"]}
+    assert doc["plan"]["scale"] == {"bursts": {"sizes": []}}
+
+
+def test_a_burst_of_five_clients_counts_errors_by_status(tmp_path: Path, fm: FoundationModel) -> None:
+    server = inprocess_server(tmp_path, fm, uploads_per_minute=0, worker_nice=0)  # not starved by other jobs
+    try:
+        target = f"127.0.0.1:{server.port}"
+        # two "front-ends" (the same server twice): the clients take turns
+        deployment = scale.Deployment([target, target], lambda names: issue_tokens(server.state_dir, names))
+        packages = scale.Packages(20_000)
+        result = scale.one_burst(deployment, 5, packages)
+        assert result["clients"] == 5 and result["errors"] == 0 and result["errors_by_code"] == {}
+        assert 0 < result["p50_s"] <= result["p99_s"] <= result["max_s"]
+        assert result["package_bytes"] == len(packages.get(5, fm.digest)[0])
+        tokens = [*issue_tokens(server.state_dir, [f"client-{i}" for i in range(4)]), "not-a-token"]
+        burst = concurrency.UploadBurst([target], tokens, packages.get(5, fm.digest), fm.digest)
+        burst.register()  # the client whose Register fails does not hold the others up
+        assert burst.run()["errors_by_code"] == {"UNAUTHENTICATED": 1}
+    finally:
+        server.stop(grace=1)
+
+
+def test_a_cost_curve_of_one_point(
+    tmp_path: Path, postgres: pg.Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    corpus = tmp_path / "public.txt"  # a tiny corpus: the job takes a second, not the built-in's ten
+    corpus.write_text("\n".join(f"public sentence number {i} about topic {i % 7}" for i in range(64)))
+    monkeypatch.setattr(builtin, "public_path", lambda: corpus)
+    (point,) = scale.curve_step(postgres, tmp_path, uploads=2, labels=[5], workers=[1])["points"]
+    assert point["labels"] == 5 and point["workers"] == 1 and point["done"] == 2
+    assert point["jobs_per_hour"] > 0 and 0 < point["global_step_share"] < 1

@@ -3,7 +3,8 @@
 Parts: transfer (vs a plain grpcio echo), Flower (vs one Flower round), feature extraction (vs the
 matmul compute limit), OBOD job time (cost model), concurrency (many clients at once), client cost
 (SMCF per task on CLINC150), hostile (honest calls while idle streams are held open) and scale (queue
-drain by 1 and 2 workers on PostgreSQL). Each part's
+drain by 1 and 2 workers on PostgreSQL, upload bursts against one SQLite process, the cost curve over
+labels and workers; --scale-steps picks some). Each part's
 reference is measured in the same run, so ratios hold on a noisy machine. Writes one JSON document
 whose top-level keys are the headline numbers and `goals`.
 """
@@ -39,7 +40,11 @@ def plan(quick: bool) -> dict[str, Any]:
             "concurrency": {"counts": [10, 200], "settle_s": 5.0, "repeat": 1},
             "client": {"max_tasks": 1},
             "hostile": {"calls": 30, "give_up_after": 2},
-            "scale": {"uploads": 12, "labels": 150, "workers": [1, 2]},
+            "scale": {
+                "drain": {"uploads": 12, "labels": 150, "workers": [1, 2]},
+                "bursts": {"sizes": [{"clients": 200, "repeat": 1}], "package_bytes": 200_000},
+                "curve": {"uploads": 6, "labels": [30, 150], "workers": [1, 2]},
+            },
         }
     return {
         "transfer": {"sizes_mb": [1, 16, 256], "repeat": 3},
@@ -54,7 +59,14 @@ def plan(quick: bool) -> dict[str, Any]:
         "concurrency": {"counts": [10, 50, 200], "settle_s": 20.0, "repeat": 3},
         "client": {"max_tasks": 1_000},
         "hostile": {"calls": 100, "give_up_after": 5},
-        "scale": {"uploads": 40, "labels": 150, "workers": [1, 2]},
+        "scale": {
+            "drain": {"uploads": 200, "labels": 150, "workers": [1, 2]},
+            "bursts": {
+                "sizes": [{"clients": 200, "repeat": 3}, {"clients": 1000, "repeat": 1}],
+                "package_bytes": 200_000,
+            },
+            "curve": {"uploads": 20, "labels": [30, 150, 300, 600], "workers": [1, 2]},
+        },
     }
 
 
@@ -80,10 +92,17 @@ HOSTILE_KEYS = (
 )
 
 
+SCALE_KEYS = {
+    "drain": ("scale_drain_ratio_2_vs_1", "scale_global_step_share"),
+    "bursts": ("scale_burst_200_p99_ratio", "scale_burst_1000_errors", "scale_burst_1000_errors_sqlite"),
+}
+
+
 def headline(parts: dict[str, Any]) -> dict[str, Any]:
     """The top-level numbers the issue asks for (None where a part was skipped)."""
     bursts = {b["clients"]: b for b in parts.get("concurrency", {}).get("bursts", [])}
     c200 = bursts.get(200, {})
+    scale = parts.get("scale", {})
     return {
         "transfer_ratio_vs_raw": parts.get("transfer", {}).get("ratio_min"),
         "transfer_ratio_vs_flower": parts.get("flower", {}).get("ratio_min"),
@@ -95,8 +114,8 @@ def headline(parts: dict[str, Any]) -> dict[str, Any]:
         "client_smcf_s_per_task": parts.get("client", {}).get("smcf_s_per_task_median"),
         "client_peak_rss_mb": parts.get("client", {}).get("peak_rss_mb"),
         **{key: parts.get("hostile", {}).get(key) for key in HOSTILE_KEYS},
-        "scale_drain_ratio_2_vs_1": parts.get("scale", {}).get("scale_drain_ratio_2_vs_1"),
-        "scale_global_step_share": parts.get("scale", {}).get("scale_global_step_share"),
+        **{key: scale.get("drain", {}).get(key) for key in SCALE_KEYS["drain"]},
+        **{key: scale.get("bursts", {}).get(key) for key in SCALE_KEYS["bursts"]},
     }
 
 
@@ -113,6 +132,8 @@ GOALS = {
     "hostile_upload_p99_ratio": ("<=", 2.0),
     "hostile_errors": ("<=", 0),
     "scale_drain_ratio_2_vs_1": (">=", 1.6),
+    "scale_burst_200_p99_ratio": ("<=", 1.2),
+    "scale_burst_1000_errors": ("<=", 0),
 }
 
 
@@ -134,6 +155,21 @@ def kept_parts(path: Path, rerun: list[str], doc: dict[str, Any]) -> dict[str, A
     for name, part in kept.items():
         part.setdefault("command", old.get("command"))
         doc["plan"][name] = old.get("plan", {}).get(name)
+    return kept
+
+
+def kept_steps(path: Path, rerun: list[str], doc: dict[str, Any]) -> dict[str, Any]:
+    """The scale steps of an earlier result that are not run again (each records its own command)."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    part, plan = old.get("scale", {}), old.get("plan", {}).get("scale") or {}
+    if "runs" in part:  # written before the steps: the whole part was the drain
+        part, plan = {"drain": part}, {"drain": plan}
+    kept = {step: part[step] for step in scale.STEPS if step in part and step not in rerun}
+    for step, result in kept.items():
+        result.setdefault("command", part.get("command", old.get("command")))
+        doc["plan"]["scale"][step] = plan.get(step)
     return kept
 
 
@@ -160,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flower-python", help="an interpreter with flwr installed (own virtualenv)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument(
+        "--scale-steps",
+        default=",".join(scale.STEPS),
+        help=f"the steps of part scale to run, comma-separated, of {scale.STEPS}",
+    )
+    parser.add_argument(
         "--update",
         action="store_true",
         help="keep the other parts already in --out (each part records the command and commit it came from)",
@@ -169,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [p for p in args.parts.split(",") if p]
     if unknown := sorted(set(wanted) - set(PARTS)):
         parser.error(f"unknown parts {unknown}; known: {', '.join(PARTS)}")
+    steps = [s for s in args.scale_steps.split(",") if s]
+    if unknown := sorted(set(steps) - set(scale.STEPS)):
+        parser.error(f"unknown scale steps {unknown}; known: {', '.join(scale.STEPS)}")
     settings = plan(args.quick)
+    settings["scale"] = {step: settings["scale"][step] for step in steps}
     doc: dict[str, Any] = {
         "command": "python -m benchmarks.perf " + " ".join(argv if argv is not None else sys.argv[1:]),
         "quick": args.quick,
@@ -177,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "plan": {p: settings[p] for p in wanted},
     }
     parts: dict[str, Any] = kept_parts(args.out, wanted, doc) if args.update else {}
+    old_steps = kept_steps(args.out, steps, doc) if args.update and "scale" in wanted else {}
     source = {"command": doc["command"], "commit": git_commit()}
 
     def save() -> None:
@@ -209,7 +255,10 @@ def main(argv: list[str] | None = None) -> int:
             elif part == "client":
                 parts[part] = run_client_cost(args.data, s["max_tasks"], args.threads)
             elif part == "scale":
-                parts[part] = scale.run(s["uploads"], s["labels"], s["workers"])
+                new_steps = scale.run(s, steps)
+                for result in new_steps.values():
+                    result.update(source)
+                parts[part] = {**old_steps, **new_steps}
             elif part == "hostile":
                 parts[part] = hostile.run(s["calls"], give_up_after=s["give_up_after"])
             parts[part].update(source)

@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection_pb2_grpc
 from benchmarks.cluster import ServerProcess, start_server
 from benchmarks.cluster import issue_token as enroll
 from benchmarks.perf.harness import package_of_size
-from benchmarks.perf.util import MB, MIB, percentile
+from benchmarks.perf.util import MB, MIB, code_of, percentile
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.stubs.fcl.v1 import fcl_pb2_grpc
 from fcl_client.connection import Connection
@@ -69,12 +69,6 @@ def dir_bytes(root: Path) -> int:
         except OSError:
             continue
     return total
-
-
-def code_of(exc: BaseException) -> str:
-    if isinstance(exc, grpc.Call):
-        return str(exc.code().name)
-    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def serving(target: str, timeout: float) -> bool:

@@ -101,6 +101,28 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
+def code_of(exc: BaseException) -> str:
+    """A failed call's gRPC status name (e.g. UNAVAILABLE), else the exception in short."""
+    import grpc
+
+    if isinstance(exc, grpc.Call):
+        return str(exc.code().name)
+    return f"{type(exc).__name__}: {exc}"[:200]
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU time a process has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks over every core (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle and iowait
+    return sum(values) - idle, sum(values)
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
