@@ -28,7 +28,7 @@ from benchmarks.ours import (
 )
 from benchmarks.scenario import Scenario
 from common.algorithms.closed_form import lda_head
-from common.algorithms.losses import column_index, kd_loss
+from common.algorithms.losses import adam, column_index, kd_loss
 from common.algorithms.obod import Head, JobOutcome, Teacher, merged_bank
 from common.algorithms.smcf import TaskData, snapshot, train_task
 from common.algorithms.stats import StatsBank
@@ -234,7 +234,7 @@ def distill_ensemble(
     # kd_loss takes teacher logits: T·log p gives softmax(·/T) = p exactly
     target_logits = cfg.temperature * target.clamp_min(1e-12).log()
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(new.model.parameters(), lr=cfg.lr)
+    opt = adam(new.model.parameters(), cfg.lr)
     steps = max(cfg.min_steps, cfg.epochs * max(1, -(-len(public) // cfg.batch_size)))
     order = torch.empty(0, dtype=torch.long)
     new.model.train()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from common.algorithms.losses import column_index, kd_loss
+from common.algorithms.losses import adam, column_index, kd_loss
 from common.algorithms.stats import StatsBank
 from common.algorithms.transfer import Synthesised, invert_teacher, synthetic_stats
 from common.config import OBODConfig
@@ -234,7 +234,7 @@ def _fit(
             target, student_taught = _zscore(target), _zscore(student_taught)
         return kd_loss(target, student_taught, cfg.temperature)
 
-    opt = torch.optim.Adam(student.model.parameters(), lr=cfg.lr)
+    opt = adam(student.model.parameters(), cfg.lr)
     student.model.train()
     # a small public corpus must not mean a handful of optimizer steps: train for at least min_steps
     steps = max(cfg.min_steps, epochs * max(1, (len(u) + cfg.batch_size - 1) // cfg.batch_size))

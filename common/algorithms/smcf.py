@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common.algorithms.losses import column_index, kd_loss
+from common.algorithms.losses import adam, column_index, kd_loss
 from common.algorithms.stats import StatsBank
 from common.config import SMCFConfig
 from common.zoo import SmallModel
@@ -56,7 +56,7 @@ def train_task(
     prev_cols = prev_model.num_labels if prev_model is not None else 0
     assist_cols, assist_src = _assist_columns(assist, model_labels)
 
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adam(model.parameters(), cfg.lr, cfg.weight_decay)
     model.train()
     sampler = bank.sampler(old_labels) if old_labels else None
     old_cols = column_index(model_labels, old_labels) if old_labels else None
@@ -113,7 +113,7 @@ def consolidate(
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     sampler, cols = bank.sampler(labels), column_index(model_labels, labels)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adam(model.parameters(), cfg.lr, cfg.weight_decay)
     model.train()
     for _ in range(cfg.consolidate_steps):
         which = torch.randint(len(labels), (cfg.batch_size,), generator=gen)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from common.algorithms.losses import adam
 from common.algorithms.stats import StatsBank
 from common.zoo import SmallModel
 
@@ -57,7 +58,7 @@ def invert_teacher(
     requires = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # only the inputs move
     try:
-        opt = torch.optim.Adam([x], lr=lr)
+        opt = adam([x], lr)
         for _ in range(steps):
             logits = model(x)
             with torch.no_grad():
