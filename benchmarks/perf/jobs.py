@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from benchmarks.perf.util import timed
+from common.algorithms.losses import adam
 from common.algorithms.obod import Head, Teacher, run_job
 from common.algorithms.stats import StatsBank
-from common.config import OBODConfig
+from common.config import OBODConfig, SMCFConfig
 from common.zoo import SmallModel, parse_spec
 
 DIM = 384
@@ -27,8 +28,8 @@ def _examples(labels: list[str], gen: torch.Generator) -> tuple[torch.Tensor, li
     return torch.nn.functional.normalize(feats, dim=1), [y for y in labels for _ in range(PER_LABEL)]
 
 
-def _bank(features: torch.Tensor, names: list[str], rank: int = 8) -> StatsBank:
-    bank = StatsBank(DIM, rank)
+def _bank(features: torch.Tensor, names: list[str]) -> StatsBank:
+    bank = StatsBank(DIM, SMCFConfig().stats_rank)  # the rank clients send by default
     bank.add_features(features, names)
     return bank
 
@@ -38,7 +39,7 @@ def _trained_teacher(features: torch.Tensor, names: list[str], labels: list[str]
     run every point to the step limit, a cost no real job pays."""
     model = SmallModel(parse_spec(TEACHER_SPEC), DIM, len(labels))
     target = torch.tensor([labels.index(y) for y in names])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = adam(model.parameters(), 1e-2)
     for _ in range(100):
         loss = torch.nn.functional.cross_entropy(model(features), target)
         opt.zero_grad(set_to_none=True)
@@ -120,8 +121,9 @@ def run(corpus_sizes: list[int], label_counts: list[int], repeat: int) -> dict[s
     return {
         "what": (
             "run_job on synthetic L2-normalised 384-d public features; the job is the last of a 5-task "
-            "stream: G (linear head) knows 4/5 of the labels with rank-8 statistics, the upload (an "
-            f"{TEACHER_SPEC} teacher trained on its labels, with statistics) teaches the other 1/5; "
+            f"stream: G (linear head) knows 4/5 of the labels with rank-{SMCFConfig().stats_rank} "
+            f"statistics, the upload (an {TEACHER_SPEC} teacher trained on its labels, with statistics) "
+            "teaches the other 1/5; "
             f"default OBODConfig; best of {repeat}"
         ),
         "config": cfg.model_dump(),
