@@ -261,3 +261,39 @@ def test_demo_lists_exactly_the_nonzero_fcl_counters() -> None:
         'fcl_jobs_total{outcome="done"} 9.0',
         'fcl_rpc_handled_total{code="OK",method="Register",service="fcl.v1.FclService"} 3.0',
     ]
+
+
+def _seed_doc(seed: int, methods: list[str], rank: int = 24) -> dict[str, Any]:
+    return {
+        "scenario": "s",
+        "fm": "fm",
+        "seeds": [seed],
+        "eval_split": "test",
+        "command": f"run --seeds {seed}",
+        "config": {"smcf": {"stats_rank": rank}},
+        "results": [{"method": m, "seed": seed, "wall_s": 1.0} for m in methods],
+    }
+
+
+def test_merge_joins_seeds_and_refuses_mismatches(tmp_path: Path) -> None:
+    from benchmarks import merge
+
+    paths = []
+    for seed in (2, 0):
+        paths.append(tmp_path / f"s{seed}.json")
+        paths[-1].write_text(json.dumps(_seed_doc(seed, ["joint", "ours"])))
+    out = tmp_path / "merged.json"
+    assert merge.main([str(out), *map(str, paths), "--note", "side by side"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["seeds"] == [0, 2]
+    assert [(r["method"], r["seed"]) for r in doc["results"]] == [
+        ("joint", 0),
+        ("ours", 0),
+        ("joint", 2),
+        ("ours", 2),
+    ]
+    assert doc["command"] == "run --seeds 2; run --seeds 0 (side by side)"
+    with pytest.raises(merge.MergeError, match="config"):
+        merge.merge([_seed_doc(0, ["ours"]), _seed_doc(1, ["ours"], rank=8)])
+    with pytest.raises(merge.MergeError, match="appears twice"):
+        merge.merge([_seed_doc(0, ["ours"]), _seed_doc(0, ["ours"])])
