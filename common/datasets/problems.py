@@ -64,7 +64,12 @@ class ProblemLog:
 
     @property
     def problems(self) -> list[Problem]:
-        return list(self._found.values())
+        """In file order (files as first met), and within a file by the first line or row."""
+        sources = list(dict.fromkeys(p.source for p in self._found.values()))
+        return sorted(
+            self._found.values(),
+            key=lambda p: (sources.index(p.source), min(p.places) if p.places else 0),
+        )
 
     def raise_if_any(self, intro: str, footer: str = "") -> None:
         """DataErrors listing every problem, if there is any."""
