@@ -213,12 +213,13 @@ def test_warnings_for_empty_texts_duplicates_leakage_and_rare_labels(
     expected = [
         f"{train}: dropped 2 lines with an empty text (lines 38, 39)",
         f"{train}: 1 duplicate line (same text and label as an earlier one: line 40 repeats 6); kept",
-        f"{train}: 1 texts carry more than one label ('train text 1 about 汇率' as '丢失的卡', '汇率')",
-        "1 of 13 test examples have a text that also occurs in train (compared ignoring case and spacing: "
+        f"{train}: 1 text carries more than one label ('train text 1 about 汇率' as '丢失的卡', '汇率')",
+        "1 of 13 test examples has a text that also occurs in train (compared ignoring case and spacing: "
         "'TRAIN text 2   about 汇率')",
-        "1 labels have fewer train examples than there are clients (3): 'rare one': 1 in task-0",
+        "1 label has fewer train examples than there are clients (3): 'rare one': 1 in task-0",
+        "learnt by 1 of 3 clients. Each label belongs to exactly one task",
         "at most that many clients learn it",
-        "1 labels have no test example: 'rare one'",
+        "1 label has no test example: 'rare one'",
     ]
     for part in expected:
         assert any(part in w for w in warnings), (part, warnings)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
 from common import wire_limits as wire
@@ -186,6 +188,21 @@ def test_metadata_over_the_bound_is_refused_before_it_is_parsed() -> None:
     limit = metadata_bytes({"labels": '["a", "b"]'})  # far less than the package's whole metadata
     with pytest.raises(PackageError, match=r"package metadata is \d+ bytes, over the limit of"):
         decode_package(data, PackageLimits(max_metadata_bytes=limit))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=140))
+def test_any_string_is_either_refused_or_round_trips_unchanged(label: str) -> None:
+    """The package decoder and the rule agree on every string: valid ones come back exactly as sent."""
+    labels = [label, "other"] if label != "other" else [label, "another"]
+    model = SmallModel(parse_spec("linear"), DIM, 2)
+    data = encode_package(KnowledgePackage.from_model(model, labels, "f" * 64))
+    if label_problem(label) is None:
+        assert decode_package(data).labels == labels
+        assert "<" not in escape(label) and label == normalize_text(label)  # what readers keep, unchanged
+    else:
+        with pytest.raises(PackageError, match="label "):
+            decode_package(data)
 
 
 # -- logs and JSON --------------------------------------------------------------------------------------

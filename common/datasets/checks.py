@@ -151,7 +151,7 @@ def file_warnings(checked: CheckedFile) -> list[str]:
     if conflicts:
         shown = "; ".join(f"{wire.quoted(t)} as {', '.join(map(repr, ys))}" for t, ys in conflicts[:SHOWN])
         out.append(
-            f"{checked.source}: {len(conflicts)} texts carry more than one label "
+            f"{checked.source}: {_n(len(conflicts), 'text carries', 'texts carry')} more than one label "
             f"({shown}{_more(conflicts)}); kept, but no model can get all of them right"
         )
     return out
@@ -167,7 +167,8 @@ def split_warnings(result: SplitResult) -> list[str]:
     if leaked:
         shown = ", ".join(wire.quoted(ex.text) for ex in leaked[:SHOWN])
         out.append(
-            f"{len(leaked)} of {len(test)} test examples have a text that also occurs in train (compared "
+            f"{len(leaked)} of {len(test)} test examples {'has' if len(leaked) == 1 else 'have'} a text that "
+            "also occurs in train (compared "
             f"ignoring case and spacing: {shown}{_more(leaked)}); accuracy on them overstates what was "
             "learnt: remove them from the test data"
         )
@@ -176,7 +177,8 @@ def split_warnings(result: SplitResult) -> list[str]:
     if untested:
         why = " (holding one out needs at least 2 examples of a label)" if result.settings.holdout else ""
         out.append(
-            f"{len(untested)} labels have no test example{why}: {_names(untested)}; no accuracy is "
+            f"{_n(len(untested), 'label has', 'labels have')} no test example{why}: {_names(untested)}; no "
+            "accuracy is "
             "measured on them"
         )
     return out
@@ -189,21 +191,24 @@ def _rare_label_warnings(result: SplitResult, train: list[Example]) -> list[str]
     if not rare:
         return []
     task_of = {y: t for t, ys in result.task_labels.items() for y in ys}
-    holders: dict[str, list[str]] = {}
-    for cid, stream in result.streams.items():
-        for task in stream:
-            for y in task.labels:
-                holders.setdefault(y, []).append(cid)
+    holders: Counter[str] = Counter(
+        y for stream in result.streams.values() for task in stream for y in task.labels
+    )
     shown = "; ".join(
-        f"{wire.quoted(y)}: {n} in {task_of.get(y, '?')}, learnt by {', '.join(holders.get(y, [])) or 'none'}"
+        f"{wire.quoted(y)}: {n} in {task_of.get(y, '?')}, learnt by {holders[y]} of {clients} clients"
         for n, y in rare[:SHOWN]
     )
     return [
-        f"{len(rare)} labels have fewer train examples than there are clients ({clients}): {shown}"
+        f"{_n(len(rare), 'label has', 'labels have')} fewer train examples than there are clients "
+        f"({clients}): {shown}"
         f"{_more(rare)}. Each label belongs to exactly one task and its train examples are dealt out to "
         "clients (Dirichlet), so at most that many clients learn it; the other clients are not tested "
         "on it and know it only through the personalised heads the server sends them"
     ]
+
+
+def _n(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
 
 
 def _text_key(text: str) -> str:
