@@ -53,8 +53,11 @@ proto: install
 proto-check: install
 	$(PY) tools/gen_proto.py --check
 
+# DEMO_ARGS: your own labelled data, e.g. make demo DEMO_ARGS="--train examples/data/intents-unicode.csv
+#   --public common/datasets/builtin/public.txt --tasks 2 --clients 2" (see docs/data.md)
+DEMO_ARGS ?=
 demo: install
-	$(PY) -m benchmarks.demo --out demo-output
+	$(PY) -m benchmarks.demo --out demo-output $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks.cluster import ServerProcess, enroll, start_client, start_server
-from common.datasets.records import read_jsonl
+from common.datasets.checks import read_labelled
 from common.fm import FoundationModel, cached_features
 from common.metrics import Matrix, head_accuracy, mean_matrix, summarize
 from common.package import decode_package
@@ -62,6 +62,21 @@ def split_builtin(out: Path, tasks: int, clients: int, seed: int) -> Path:
         str(data),
     ]
     subprocess.run(cmd, check=True, capture_output=True)
+    return data
+
+
+def split_file(out: Path, args: argparse.Namespace) -> Path:
+    """`fcl-data split` of the user's labelled file(s), as a user would run it; its messages are shown."""
+    data = out / "data"
+    cmd = [sys.executable, "-m", "common.datasets.cli", "split", "--train", str(args.train)]
+    cmd += ["--test", str(args.test)] if args.test else []
+    cmd += ["--text-col", args.text_col, "--label-col", args.label_col, "--public", str(args.public)]
+    cmd += ["--tasks", str(args.tasks), "--clients", str(args.clients), "--seed", str(args.seed)]
+    cmd += ["--out", str(data)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    print((done.stdout + done.stderr).rstrip())
+    if done.returncode != 0:
+        raise SystemExit(done.returncode)
     return data
 
 
@@ -134,7 +149,7 @@ def evaluate_global(
 ) -> tuple[Matrix, float | None, int]:
     """R[t][j] of FM-global: the global head after every client's task-t job, on global test task j."""
     tasks = sorted(p.stem for p in (data / "global_test").glob("*.jsonl"))
-    tests = [read_jsonl(data / "global_test" / f"{t}.jsonl") for t in tasks]
+    tests = [read_labelled(data / "global_test" / f"{t}.jsonl") for t in tasks]
     fm = FoundationModel(device="cpu")
     feats = [cached_features(fm, [ex.text for ex in test], cache) for test in tests]
     with Connection(server.target, admin_token) as conn:
@@ -228,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=Path, help="your labelled data (any `fcl-data split` format)")
+    parser.add_argument("--test", type=Path, help="labelled test data for --train (default: held out)")
+    parser.add_argument("--public", type=Path, help="unlabelled sentences for --train (needed with it)")
+    parser.add_argument("--text-col", default="text", help="text column of --train (default: text)")
+    parser.add_argument("--label-col", default="label", help="label column of --train (default: label)")
+    parser.add_argument("--epochs", type=int, help="client training epochs (default: the client's)")
     parser.add_argument(
         "--metrics-listen",
         default="127.0.0.1:0",
@@ -237,25 +258,33 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.out / "work"
     shutil.rmtree(work, ignore_errors=True)
-    data = split_builtin(work, args.tasks, args.clients, args.seed)
-    print(f"built-in dataset split into {args.tasks} tasks x {args.clients} clients under {data}")
+    if args.train is not None:
+        if args.public is None:
+            parser.error("--train needs --public (unlabelled sentences, one per line)")
+        data = split_file(work, args)
+    else:
+        data = split_builtin(work, args.tasks, args.clients, args.seed)
+    source = args.train or "built-in dataset"
+    print(f"{source} split into {args.tasks} tasks x {args.clients} clients under {data}")
     run = run_cluster(
         data,
         work,
         DEMO_SPECS,
-        client_args=["--seed", str(args.seed)],
+        client_args=["--seed", str(args.seed)] + (["--epochs", str(args.epochs)] if args.epochs else []),
         server_args=["--public-corpus", str(data / "public.txt")]
         + (["--metrics-listen", args.metrics_listen] if args.metrics_listen else []),
     )
     entry = result_entry(run, "ours", args.seed)
+    name = args.train.stem if args.train is not None else "builtin"
     report = {
-        "scenario": f"builtin-{args.tasks}x{args.clients}",
+        "scenario": f"{name}-{args.tasks}x{args.clients}",
         "fm": "all-MiniLM-L6-v2",
         "seeds": [args.seed],
         "results": [entry],
+        "tasks": json.loads((data / "split.json").read_text(encoding="utf-8"))["tasks"],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=1))
+    (args.out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     print_table(entry, run.num_tasks)
     if run.metrics:
         (args.out / "metrics.txt").write_text(run.metrics)

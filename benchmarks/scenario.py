@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from common.algorithms.smcf import TaskData
-from common.datasets.records import Example, read_jsonl
+from common.datasets.checks import read_labelled
+from common.datasets.records import Example
 from common.datasets.split import split_dataset
 from common.datasets.streams import load_task_stream
 from common.fm import FoundationModel, cached_features
@@ -207,7 +208,9 @@ def custom(data_dir: Path, featurizer: Featurizer) -> Scenario:
         if p.is_dir()
     }
     public = [line.strip() for line in (data_dir / "public.txt").read_text().splitlines() if line.strip()]
-    global_test = {t: featurizer.examples(read_jsonl(data_dir / "global_test" / f"{t}.jsonl")) for t in tasks}
+    global_test = {
+        t: featurizer.examples(read_labelled(data_dir / "global_test" / f"{t}.jsonl")) for t in tasks
+    }
     labels = sorted({y for data in global_test.values() for y in data.labels})
     return Scenario(
         name=f"custom:{data_dir.name}",

@@ -11,7 +11,6 @@ import contextlib
 import json
 import mmap
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +25,11 @@ from safetensors.torch import save as st_save
 
 from common import wire_limits as wire
 from common.algorithms.stats import MAX_RANK, StatsBank, StatsTensors
+from common.labels import RULE, label_problem
 from common.zoo import ModelSpec, SmallModel, SpecError, expected_shapes
 
 FORMAT = "fcl-knowledge/1"
 KINDS = ("small", "head")
-# a label starts with a letter or digit: no blank, '.', '/' or '-'-led names
-LABEL_RE = re.compile(rf"\w[\w.\-:/ ]{{0,{wire.LABEL_MAX_CHARS - 1}}}", re.UNICODE)
 MAX_STATS_COUNT = 10**9  # more examples than any client has: one upload must not outweigh the whole bank
 STATS_TENSORS = ("stats.count", "stats.mean", "stats.std", "stats.basis")
 
@@ -45,6 +43,7 @@ class PackageLimits:
     max_bytes: int = wire.PACKAGE_MAX_BYTES
     max_labels: int = wire.MAX_LABELS
     max_feature_dim: int = wire.MAX_FEATURE_DIM
+    max_metadata_bytes: int = wire.METADATA_MAX_BYTES  # all metadata keys and values, UTF-8
 
 
 @dataclass
@@ -93,9 +92,10 @@ def encode_package(pkg: KnowledgePackage) -> bytes:
         "format": FORMAT,
         "kind": pkg.kind,
         "spec": pkg.spec.to_json(),
-        "labels": json.dumps(pkg.labels),
+        # labels as UTF-8, not ASCII escapes: at most 4 bytes a character (wire.METADATA_MAX_BYTES)
+        "labels": json.dumps(pkg.labels, ensure_ascii=False),
         "counts": json.dumps(pkg.counts),
-        "stats_labels": json.dumps(stats_labels),
+        "stats_labels": json.dumps(stats_labels, ensure_ascii=False),
         "fm_digest": pkg.fm_digest,
         "feature_dim": str(pkg.feature_dim),
     }
@@ -264,6 +264,9 @@ def _decode(
     tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], limits: PackageLimits, build: bool
 ) -> KnowledgePackage:
     """Check every field; with `build`, also the float32 weights and the statistics bank it holds."""
+    size = metadata_bytes(metadata)
+    if size > limits.max_metadata_bytes:
+        raise PackageError(f"package metadata is {size} bytes, over the limit of {limits.max_metadata_bytes}")
     if metadata.get("format") != FORMAT:
         raise PackageError(f"package format is {metadata.get('format')!r}, expected {FORMAT!r}")
     kind = metadata.get("kind", "")
@@ -287,6 +290,15 @@ def _decode(
     return KnowledgePackage(
         spec, labels, weights, feature_dim, metadata.get("fm_digest", ""), kind, counts, stats
     )
+
+
+def metadata_bytes(metadata: Mapping[str, str]) -> int:
+    """Bytes of all keys and values in UTF-8 (a lone surrogate from a JSON escape counts 3, never raises)."""
+    return sum(_utf8_len(k) + _utf8_len(v) for k, v in metadata.items())
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
@@ -315,11 +327,10 @@ def _parse_labels(text: str, limits: PackageLimits) -> list[str]:
     if len(labels) > limits.max_labels:
         raise PackageError(f"package has {len(labels)} labels, over the limit of {limits.max_labels}")
     for label in labels:
-        if not isinstance(label, str) or not LABEL_RE.fullmatch(label):
-            raise PackageError(
-                f"label {str(label)[:40]!r} is invalid: use 1-{wire.LABEL_MAX_CHARS} letters, digits, spaces "
-                "or . - _ : /, starting with a letter or digit"
-            )
+        problem = label_problem(label)
+        if problem is not None:
+            shown = wire.quoted(label) if isinstance(label, str) else wire.quoted(json.dumps(label))
+            raise PackageError(f"label {shown} {problem} ({RULE})")
     if len(set(labels)) != len(labels):
         raise PackageError("package labels contain duplicates")
     return labels

@@ -29,7 +29,16 @@ MAX_CHUNK_BYTES = 4 * 1024 * 1024  # UploadKnowledgeRequest.chunk (ServerLimits.
 
 # -- knowledge packages (common/package.py validates them) ------------------------------------------
 MAX_LABELS = 10_000  # label names per package (PackageLimits/ServerLimits.max_labels default)
-LABEL_MAX_CHARS = 128  # one label name: 1..128 chars, see package.LABEL_RE
+LABEL_MAX_CHARS = 128  # one label name: 1..128 Unicode characters (code points), see common/labels.py
+# One character's longest form in a package's metadata: json.dumps with ASCII escapes (packages before
+# 0.2 were written so) spells an astral character such as an emoji as a surrogate pair, "\ud83d\ude00",
+# 12 bytes; UTF-8 itself needs at most 4, and '"' or '\' become 2 bytes in JSON.
+JSON_CHAR_MAX_BYTES = 12
+# All of a package's string metadata (keys and values, UTF-8): MAX_LABELS labels of LABEL_MAX_CHARS
+# characters listed twice (`labels`, `stats_labels`), each character at its longest, with quotes and
+# commas, plus MAX_LABELS counts of up to 11 digits and 64 KiB for spec, digest and the rest (30,985,536
+# bytes). So any valid set of labels, CJK or emoji included, fits; anything beyond is refused unparsed.
+METADATA_MAX_BYTES = 2 * MAX_LABELS * (LABEL_MAX_CHARS * JSON_CHAR_MAX_BYTES + 4) + MAX_LABELS * 12 + 65536
 MAX_FEATURE_DIM = 8192  # a package's feature_dim (PackageLimits.max_feature_dim default)
 PACKAGE_MAX_BYTES = 256 * 1024 * 1024  # PackageLimits.max_bytes default (the server uses max_upload_bytes)
 

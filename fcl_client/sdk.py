@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from common.config import SMCFConfig
+from common.datasets.checks import check_sequences, footer
+from common.datasets.problems import ProblemLog
 from common.datasets.records import Example
 from common.datasets.streams import Task
 from common.fm import DEFAULT_FM, FoundationModel, default_device
@@ -215,8 +217,16 @@ class FclClient:
         names are unique per client: a name already learned returns its recorded result
         (`already_done`) without training or sending anything, so a restarted program can simply
         repeat its calls; an interrupted task continues from its last completed step.
+
+        Every text and label is checked first, as `fcl-data` checks them: both are NFC-normalised
+        and stripped, and an empty text, a label that breaks the label rule (common/labels.py) or a
+        text with a lone surrogate raises DataErrors (a ValueError) that lists every one of them,
+        before anything is trained or sent.
         """
-        train, test = _examples(texts, labels, "texts/labels"), _examples(test_texts, test_labels, "test")
+        log = ProblemLog()  # every text and label is checked before anything is trained or sent
+        train = _examples(texts, labels, ("texts", "labels"), log)
+        test = _examples(test_texts, test_labels, ("test_texts", "test_labels"), log)
+        log.raise_if_any(f"task {name!r} cannot be learnt, nothing was sent", footer(log))
         if not train:
             raise ValueError(f"task {name!r} has no training examples")
         self._runner.prepare()
@@ -267,12 +277,16 @@ class FclClient:
         os.replace(tmp, path)
 
 
-def _examples(texts: Sequence[str], labels: Sequence[str], what: str) -> list[Example]:
+def _examples(
+    texts: Sequence[str], labels: Sequence[str], names: tuple[str, str], log: ProblemLog
+) -> list[Example]:
+    """Examples NFC-normalised and stripped as fcl-data's readers keep them; problems go to `log`."""
+    what = "/".join(names)
     if isinstance(texts, str) or isinstance(labels, str):
         raise TypeError(f"{what}: give sequences of strings, not one string")
     if len(texts) != len(labels):
         raise ValueError(f"{what}: {len(texts)} texts but {len(labels)} labels")
-    return [Example(str(t), str(y)) for t, y in zip(texts, labels, strict=True)]
+    return check_sequences(texts, labels, names, log)
 
 
 def _index(record: dict[str, object]) -> int:

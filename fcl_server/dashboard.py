@@ -7,7 +7,7 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html import escape
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,6 +22,7 @@ from fcl_server.state import GLOBAL, PERSONAL, HeadVersion, Job, JobState, Princ
 log = logging.getLogger(__name__)
 
 MAX_JOBS = 200
+MAX_LABELS_SHOWN = 1000  # label names listed; a larger registry is counted
 REFRESH_S = 15
 PAGES = ("/", "/index.html")
 ALLOWED = "GET, HEAD"
@@ -53,6 +54,7 @@ td.num { text-align: right; } .state { font-weight: 600; border-radius: 3px; pad
 .state-queued { color: #0550ae; } .state-failed { color: #cf222e; background: #ffebe9; }
 .state-superseded { color: #6e7781; } .empty { color: #6e7781; font-style: italic; }
 .chart { max-width: 100%; height: auto; }
+.labels { columns: 4 220px; margin: 0; padding-left: 2.5em; font-size: 13px; }
 """
 
 
@@ -64,6 +66,7 @@ class DashboardData:
     heads: list[HeadVersion]
     metrics: list[Record]
     now: float
+    labels: list[str] = field(default_factory=list)  # the registry's first MAX_LABELS_SHOWN names
 
 
 def collect(service: FclService, principal: Principal, max_jobs: int = MAX_JOBS) -> DashboardData:
@@ -72,7 +75,8 @@ def collect(service: FclService, principal: Principal, max_jobs: int = MAX_JOBS)
     found = [service.state.head(GLOBAL, "")]
     found += [service.state.head(PERSONAL, c.client_id) for c in status.clients]
     heads = [h for h in found if h is not None]
-    return DashboardData(status, heads, service.state.metric_history(), time.time())
+    labels = service.state.label_names(MAX_LABELS_SHOWN)
+    return DashboardData(status, heads, service.state.metric_history(), time.time(), labels)
 
 
 # -- rendering ----------------------------------------------------------------------------------------
@@ -213,6 +217,17 @@ def _heads(data: DashboardData) -> str:
     )
 
 
+def _labels(data: DashboardData) -> str:
+    """The label registry. Labels are any printable Unicode (common/labels.py): escaped like all text, and
+    each in its own <bdi>, so a right-to-left name cannot reorder the names around it."""
+    if not data.labels:
+        return '<p class="empty">no label published yet</p>'
+    names = "".join(f"<li><bdi>{escape(y)}</bdi></li>" for y in data.labels)
+    rest = data.status.num_labels - len(data.labels)
+    more = f'<p class="meta">and {rest} more (the first {len(data.labels)} are listed)</p>' if rest else ""
+    return f'<ol id="labels" class="labels">{names}</ol>{more}'
+
+
 def accuracy_series(metrics: list[Record]) -> list[Series]:
     """One series per (client, metric whose name contains 'acc'): x = task number (index + 1)."""
     points: dict[str, list[tuple[float, float]]] = {}
@@ -258,6 +273,8 @@ generated {generated} · refreshes every {REFRESH_S} s</p>
 {_chart(data)}
 <h2>Head versions</h2>
 {_heads(data)}
+<h2>Labels ({data.status.num_labels}, in the order the global head learnt them)</h2>
+{_labels(data)}
 </body></html>
 """
 

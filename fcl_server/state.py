@@ -753,6 +753,12 @@ class State:
         with self._read() as db:
             return int(db.execute(sa.select(sa.func.count()).select_from(labels)).scalar_one())
 
+    def label_names(self, limit: int) -> list[str]:
+        """The first `limit` labels of the global registry, in the order they were first published."""
+        with self._read() as db:
+            rows = db.execute(sa.select(labels.c.name).order_by(labels.c.id).limit(limit)).all()
+        return [str(row[0]) for row in rows]
+
     def client_count(self) -> int:
         with self._read() as db:
             return int(db.execute(sa.select(sa.func.count()).select_from(clients)).scalar_one())

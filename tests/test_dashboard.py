@@ -10,6 +10,7 @@ import ssl
 import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
+from html import escape
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -34,6 +35,8 @@ from tests.servers import inprocess_server, package_bytes
 ADMIN = "fcl_admin-token"
 CLIENT = "fcl_client-token"
 Response = tuple[int, dict[str, str], str]
+# labels are any printable Unicode: markup, quotes, right-to-left scripts, emoji, CJK
+LABELS = ["<script>alert(2)</script>", "\"quoted\" & 'single'", "שלום עולם", "مرحبا", "🎉 汇率 (rate)?"]
 
 
 def request(
@@ -67,7 +70,7 @@ def populated_state(path: Path) -> State:
     state.add_upload_and_job("edge-1", "u1", "task-00", 0, 100, "a" * 64)
     done = state.claim_next_job()
     assert done is not None
-    state.complete_job(done, "b" * 64, "c" * 64, 3, ["x", "y", "z"], None)
+    state.complete_job(done, "b" * 64, "c" * 64, len(LABELS), LABELS, None)
     state.add_upload_and_job("edge-2", "u2", "task-00", 0, 100, "d" * 64)
     failed = state.claim_next_job()
     assert failed is not None
@@ -148,6 +151,18 @@ def test_page_shows_clients_queue_jobs_heads_and_curves(dashboard: DashboardServ
     assert sorted(rows) == ["worker-serve@node-b", "worker-w<script>"]  # attributes unescaped by the parser
     assert "w<script>" not in body and "w&lt;script&gt;" in body
     assert "#3" in text and "idle" in text and "node-a" in text
+
+
+def test_page_lists_the_labels_escaped(dashboard: DashboardServer) -> None:
+    _, _, body = request(dashboard.port, token=ADMIN)
+    page = browser.Elements(body)
+    assert "<script>alert(2)" not in body and "&lt;script&gt;alert(2)&lt;/script&gt;" in body
+    assert "&quot;quoted&quot; &amp; &#x27;single&#x27;" in body
+    for label in LABELS:  # in registry order, each isolated in its own <bdi> (right-to-left names too)
+        assert f"<li><bdi>{escape(label)}</bdi></li>" in body, label
+    items = re.findall(r"<li><bdi>(.*?)</bdi></li>", body)
+    assert items == [escape(y) for y in LABELS]
+    assert page.by_id("labels") is not None and f"Labels ({len(LABELS)}," in "".join(page.text)
 
 
 def test_empty_server_page(tmp_path: Path) -> None:

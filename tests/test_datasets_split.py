@@ -332,12 +332,12 @@ def _bad_input_args(tmp_path: Path, case: str) -> list[str]:
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("csv-column", "no column 'text' in the header (columns: sentence, label)"),
-        ("jsonl-column", "missing or empty label column 'intent'"),
+        ("csv-column", "has no column 'text' in its header (columns found: 'sentence', 'label')"),
+        ("jsonl-column", "has no field 'intent' (fields found: 'text', 'label')"),
         ("unknown-group-label", "absent from the train data: 'ghost'"),
         ("tasks-over-groups", "cannot deal 2 label groups to 3 tasks"),
         ("alpha", "alpha must be a positive number"),
-        ("missing-train", "nope.jsonl does not exist"),
+        ("missing-train", "nope.jsonl: does not exist; check the path"),
     ],
 )
 def test_cli_bad_input_reports_error(

@@ -14,6 +14,7 @@ from types import ModuleType
 import pytest
 
 from common.config import SMCFConfig
+from common.datasets.problems import DataErrors, ProblemLog
 from common.datasets.records import Example
 from common.datasets.streams import Task, load_task_stream
 from common.fm import FoundationModel
@@ -22,6 +23,7 @@ from fcl_client import FclClient, Registration, TaskResult
 from fcl_client import cli as client_cli
 from fcl_client.checkpoint import CheckpointStore
 from fcl_client.connection import Connection
+from fcl_client.sdk import _examples
 from fcl_server.app import RunningServer
 from tests.servers import inprocess_server
 
@@ -185,7 +187,7 @@ def test_bad_input_is_refused_before_anything_is_sent(tmp_path: Path, fm: Founda
     with FclClient("127.0.0.1:1", "c", "t", tmp_path, fm=fm) as client:
         with pytest.raises(ValueError, match="2 texts but 1 labels"):
             client.run_task("t", ["a", "b"], ["x"])
-        with pytest.raises(ValueError, match="test: 1 texts but 0 labels"):
+        with pytest.raises(ValueError, match="test_texts/test_labels: 1 texts but 0 labels"):
             client.run_task("t", ["a"], ["x"], test_texts=["b"])
         with pytest.raises(TypeError, match="not one string"):
             client.run_task("t", "ab", "xy")
@@ -193,6 +195,31 @@ def test_bad_input_is_refused_before_anything_is_sent(tmp_path: Path, fm: Founda
             client.run_task("t", [], [])
         with pytest.raises(RuntimeError, match="holds no trained client"):
             client.predict(["hello"])
+        # every bad text and label, of train and test data, in one error; nothing trained or sent
+        with pytest.raises(DataErrors) as exc:
+            client.run_task(
+                "t",
+                ["fine", "", "also fine", "x\ud800y"],
+                ["ok", "ok", "a\u202eb", "ok"],
+                test_texts=["t"],
+                test_labels=["bad\nlabel"],
+            )
+    message = str(exc.value)
+    assert message.startswith("task 't' cannot be learnt, nothing was sent: 4 problems"), message
+    for part in (
+        "texts at index 1: text is empty",
+        "labels at index 2: label 'a\\u202eb' has a format character (Cf) U+202E",
+        "texts at index 3: text has a lone surrogate U+D800 at position 2",
+        "test_labels at index 0: label 'bad\\nlabel' has a control character (Cc) U+000A",
+    ):
+        assert part in message, (part, message)
+    assert not (tmp_path / "sdk-tasks.json").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_the_sdk_normalises_texts_and_labels_as_fcl_data_does() -> None:
+    log = ProblemLog()
+    kept = _examples(["  cafe\u0301 au lait "], ["cafe\u0301 "], ("texts", "labels"), log)
+    assert not log and [(ex.text, ex.label) for ex in kept] == [("café au lait", "café")]
 
 
 def test_the_sdk_over_mutual_tls(tmp_path: Path, fm: FoundationModel, small_split: Path) -> None:

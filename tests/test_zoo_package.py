@@ -370,26 +370,37 @@ def test_rejects_duplicate_labels() -> None:
 
 
 @pytest.mark.parametrize(
-    "label",
-    ["a<b", "drop;table", "new\nline", "tab\there", "", "x" * 129, "quote'", "nul\x00", 5, None, ["a"]],
+    ("label", "says"),
+    [
+        ("new\nline", "control character"),
+        ("tab\there", "control character"),
+        ("nul\x00", "control character"),
+        ("", "is empty"),
+        ("x" * 129, "over the limit of 128"),
+        ("rtl\u202eoverride", "format character"),
+        (5, "is of type int, not a string"),
+        (None, "is of type NoneType, not a string"),
+        (["a"], "is of type list, not a string"),
+    ],
 )
-def test_rejects_invalid_labels(label: object) -> None:
+def test_rejects_invalid_labels(label: object, says: str) -> None:
     model = make_model()
     meta = dict(base_metadata(model), labels=json.dumps(["ok", "fine", label]))
-    with pytest.raises(PackageError, match="invalid"):
+    with pytest.raises(PackageError, match=says):
         decode_package(craft(base_tensors(model), meta))
 
 
 def test_rejects_label_with_trailing_newline() -> None:
     model = make_model()
     meta = dict(base_metadata(model), labels=json.dumps(["ok", "fine", "trailing\n"]))
-    with pytest.raises(PackageError, match="invalid"):
+    with pytest.raises(PackageError, match="control character"):
         decode_package(craft(base_tensors(model), meta))
 
 
 def test_accepts_allowed_label_characters() -> None:
-    labels = ["x" * 128, "intent/sub-intent:v1.2", "café ü_ß"]
-    model = make_model()
+    """Any printable Unicode (common/labels.py), markup and quotes too: what shows a label escapes it."""
+    labels = ["x" * 128, "intent/sub-intent:v1.2", "café ü_ß", "a<b", "drop;table", "quote'", "why?"]
+    model = make_model(num_labels=len(labels))
     out = decode_package(craft(base_tensors(model), base_metadata(model, labels)))
     assert out.labels == labels
 

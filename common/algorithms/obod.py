@@ -271,7 +271,10 @@ def _fit(
 
 def _zscore(logits: torch.Tensor) -> torch.Tensor:
     """Per-row standardised logits: KD then compares rankings, not the scales of different models."""
-    return (logits - logits.mean(dim=1, keepdim=True)) / logits.std(dim=1, keepdim=True).clamp_min(1e-6)
+    centred = logits - logits.mean(dim=1, keepdim=True)
+    if logits.shape[1] < 2:  # a teacher of one label: a row has no spread, and std() of one value is NaN
+        return centred
+    return centred / logits.std(dim=1, keepdim=True).clamp_min(1e-6)
 
 
 def _batched(model: SmallModel, x: torch.Tensor, batch: int = 4096) -> torch.Tensor:

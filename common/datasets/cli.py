@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.datasets.records import DataFormatError, Example, read_examples, write_jsonl
+from common.datasets.checks import (
+    CheckedFile,
+    LabelChecker,
+    check_table,
+    file_warnings,
+    footer,
+    load_labelled,
+    split_warnings,
+)
+from common.datasets.problems import ProblemLog
+from common.datasets.readers import FORMATS, RawRow, RawTable, read_text_file
+from common.datasets.records import DataFormatError, Example, write_jsonl
 from common.datasets.split import SplitError, SplitResult, split_dataset, write_split
+from common.labels import normalize_text
 
 PROG = "fcl-data"
 
@@ -57,16 +68,47 @@ def _add_common_options(p: argparse.ArgumentParser, tasks: int | None, clients: 
 
 
 def _add_split_parser(sub: Any) -> None:
-    p = sub.add_parser("split", help="split a CSV/JSONL dataset", description="Split a CSV or JSONL dataset.")
-    p.add_argument("--train", type=Path, required=True, help="labelled train file (.csv or JSONL)")
-    p.add_argument("--test", type=Path, help="labelled test file; default: hold out part of --train")
+    p = sub.add_parser(
+        "split",
+        help="split a labelled CSV/TSV/JSONL/Parquet file or a Hugging Face dataset directory",
+        description="Split a labelled dataset into per-client task streams. Every label and text is "
+        "checked before anything is written; all problems are listed together (exit status 2).",
+    )
+    p.add_argument(
+        "--train",
+        type=Path,
+        required=True,
+        help="labelled train data: .csv, .tsv, .jsonl, .parquet, or a datasets save_to_disk directory",
+    )
+    p.add_argument("--test", type=Path, help="labelled test data; default: hold out part of --train")
     p.add_argument("--text-col", default="text", help="text column/field name (default: text)")
     p.add_argument("--label-col", default="label", help="label column/field name (default: label)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="format of --train and --test (default: from the suffix; a directory is a datasets one)",
+    )
+    p.add_argument(
+        "--delimiter",
+        type=_delimiter,
+        help="CSV field delimiter, one character; 'tab' or '\\t' for a tab (default: ',' and tab for .tsv)",
+    )
     p.add_argument("--label-groups", type=Path, help="JSON object: group -> list of labels")
     p.add_argument("--public", type=Path, required=True, help="unlabelled sentences, one per line")
     p.add_argument("--holdout", type=float, default=0.2, help="test fraction when --test is missing")
     _add_common_options(p, tasks=None, clients=None)
     p.set_defaults(func=_cmd_split)
+
+
+def _delimiter(value: str) -> str:
+    if value.lower() == "tab" or value == "\\t":  # a shell passes '\t' as backslash and t
+        value = "\t"
+    if len(value) != 1 or value in '\r\n"':
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a delimiter: give one character other than a quote or a newline, "
+            "e.g. ';' or 'tab'"
+        )
+    return value
 
 
 def _add_clinc_parser(sub: Any) -> None:
@@ -83,20 +125,32 @@ def _add_builtin_parser(sub: Any) -> None:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    train = read_labelled(args.train, args.text_col, args.label_col)
-    test = None if args.test is None else read_labelled(args.test, args.text_col, args.label_col)
-    groups = None if args.label_groups is None else read_label_groups(args.label_groups)
-    public = read_public(args.public)
+    log = ProblemLog()
+    read = {"fmt": args.format, "delimiter": args.delimiter}
+    train = load_labelled(args.train, log, args.text_col, args.label_col, **read)
+    test = None if args.test is None else load_labelled(args.test, log, args.text_col, args.label_col, **read)
+    groups = None if args.label_groups is None else read_label_groups(args.label_groups, log)
+    public = read_public(args.public, log)
+    for checked in (train, test):
+        if checked is not None and not checked.examples and not log:
+            log.add(checked.source, "has no examples; it needs one labelled example per row or line")
+    # nothing is written, not even the output directory, unless every file passed
+    log.raise_if_any("the data cannot be used, nothing was written", footer(log))
+    result = _split(args, train.examples, None if test is None else test.examples, groups, args.holdout)
+    warnings = [*_file_warnings(train, test), *split_warnings(result)]
     sources = {
         "train": str(args.train),
         "test": str(args.test or ""),
         "label_groups": str(args.label_groups or ""),
         "public": str(args.public),
     }
-    result = _split(args, train, test, groups, holdout=args.holdout)
-    write_split(result, public, args.out, sources=_drop_empty(sources))
-    _print_summary(result, args.out)
+    write_split(result, public, args.out, sources=_drop_empty(sources), warnings=warnings)
+    _print_summary(result, args.out, warnings)
     return 0
+
+
+def _file_warnings(*files: CheckedFile | None) -> list[str]:
+    return [w for checked in files if checked is not None for w in file_warnings(checked)]
 
 
 def _cmd_clinc150(args: argparse.Namespace) -> int:
@@ -104,7 +158,9 @@ def _cmd_clinc150(args: argparse.Namespace) -> int:
     splits = read_clinc_splits(data_file)
     groups_file = _require_file(args.data / "domains.json", "CLINC150 domains")
     public_file = args.data / "all_wiki_sents.txt"
-    groups, public = read_label_groups(groups_file), read_public(public_file)
+    log = ProblemLog()
+    groups, public = read_label_groups(groups_file, log), read_public(public_file, log)
+    log.raise_if_any("the CLINC150 files cannot be used, nothing was written", footer(log))
     result = _split(args, splits["train"], splits["test"], groups)
     sources = {
         "train": f"{data_file}#train",
@@ -124,11 +180,15 @@ def _cmd_builtin(args: argparse.Namespace) -> int:
     builtin = _load_builtin()
     train_path, test_path = Path(builtin.train_path()), builtin.test_path()
     public_path = Path(builtin.public_path())
-    test = None if test_path is None else read_labelled(Path(test_path))
+    log = ProblemLog()
+    train = load_labelled(train_path, log)
+    test = None if test_path is None else load_labelled(Path(test_path), log)
+    public = read_public(public_path, log)
+    log.raise_if_any("the built-in dataset cannot be used, nothing was written", footer(log))
     groups = {str(g): [str(label) for label in labels] for g, labels in builtin.load_groups().items()}
-    result = _split(args, read_labelled(train_path), test, groups)
+    result = _split(args, train.examples, None if test is None else test.examples, groups)
     sources = {"train": str(train_path), "test": str(test_path or ""), "public": str(public_path)}
-    write_split(result, read_public(public_path), args.out, sources=_drop_empty(sources))
+    write_split(result, public, args.out, sources=_drop_empty(sources))
     _print_summary(result, args.out)
     return 0
 
@@ -177,52 +237,44 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
-def read_labelled(path: Path, text_col: str = "text", label_col: str = "label") -> list[Example]:
-    """Read a CSV/JSONL labelled file, checking CSV headers first and refusing empty files."""
-    _require_file(path, "labelled data")
-    if path.suffix.lower() == ".csv":
-        _check_csv_columns(path, (text_col, label_col))
-    examples = read_examples(path, text_col, label_col)
-    if not examples:
-        raise DataFormatError(f"{path} has no examples; it needs one labelled example per row/line")
-    return examples
-
-
-def _check_csv_columns(path: Path, columns: Sequence[str]) -> None:
-    with path.open(encoding="utf-8", newline="") as fh:
-        header = next(csv.reader(fh), [])
-    for col in columns:
-        if col not in header:
-            raise DataFormatError(
-                f"{path}: no column {col!r} in the header (columns: {', '.join(header) or 'none'}); "
-                "name the right ones with --text-col/--label-col"
-            )
-
-
-def read_label_groups(path: Path) -> dict[str, list[str]]:
-    """Read a JSON object mapping group name -> list of labels, keeping the file's group order."""
-    _require_file(path, "label groups")
+def read_label_groups(path: Path, log: ProblemLog) -> dict[str, list[str]]:
+    """A JSON object mapping group name -> list of labels, in the file's group order; labels are
+    normalised as the data readers normalise them, and checked by the same rule."""
+    text = read_text_file(path, log)
+    if text is None:
+        return {}
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataFormatError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        log.add(str(path), f"is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})")
+        return {}
     if not isinstance(raw, dict) or not raw:
-        raise DataFormatError(f"{path}: expected a non-empty JSON object mapping group -> list of labels")
+        log.add(str(path), "must be a non-empty JSON object mapping group -> list of labels")
+        return {}
     groups: dict[str, list[str]] = {}
+    checker = LabelChecker()
     for group, labels in raw.items():
-        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise DataFormatError(f"{path}: group {group!r} must map to a list of label strings")
-        groups[group] = [x.strip() for x in labels]
+        if not isinstance(labels, list):
+            log.add(str(path), "must map to a list of label strings", column=group)
+            continue
+        groups[group] = []
+        for label in labels:
+            kept, problem = checker.check(label)
+            if problem is not None:
+                log.add(str(path), problem, column=group)
+            elif kept is not None:
+                groups[group].append(kept)
     return groups
 
 
-def read_public(path: Path) -> list[str]:
-    """Read unlabelled public sentences, one per line; blank lines are dropped."""
-    _require_file(path, "public sentences")
-    with path.open(encoding="utf-8") as fh:
-        sentences = [line.strip() for line in fh if line.strip()]
+def read_public(path: Path, log: ProblemLog) -> list[str]:
+    """Unlabelled public sentences, one per line, NFC-normalised; blank lines are dropped."""
+    text = read_text_file(path, log)
+    if text is None:
+        return []
+    sentences = [s for s in (normalize_text(line) for line in text.split("\n")) if s]
     if not sentences:
-        raise DataFormatError(f"{path} has no sentences; put one unlabelled sentence per line")
+        log.add(str(path), "has no sentences; put one unlabelled sentence per line")
     return sentences
 
 
@@ -241,16 +293,20 @@ def _clinc_examples(raw: dict[str, Any], name: str, path: Path) -> list[Example]
     rows = raw.get(name)
     if not isinstance(rows, list) or not rows:
         raise DataFormatError(f"{path}: missing or empty {name!r} list of [text, intent] pairs")
-    examples: list[Example] = []
+    table = RawTable(f"{path}#{name}", "json", "row")
     for i, row in enumerate(rows):
-        ok = isinstance(row, list) and len(row) == 2 and all(isinstance(x, str) and x.strip() for x in row)
-        if not ok:
+        if not (isinstance(row, list) and len(row) == 2):
             raise DataFormatError(f"{path}: {name}[{i}] is not a [text, intent] pair of non-empty strings")
-        examples.append(Example(text=row[0].strip(), label=row[1].strip()))
-    return examples
+        table.rows.append(RawRow(row[0], row[1], i + 1))
+    log = ProblemLog()
+    checked = check_table(table, "text", "intent", log)
+    if checked.empty_texts:
+        log.add(table.source, "text is empty", unit="row", at=checked.empty_texts[0])
+    log.raise_if_any(f"{path} cannot be used, nothing was written", footer(log))
+    return checked.examples
 
 
-def _print_summary(result: SplitResult, out: Path) -> None:
+def _print_summary(result: SplitResult, out: Path, warnings: list[str] | None = None) -> None:
     s = result.settings
     print(f"wrote {s.num_tasks} tasks x {s.num_clients} clients to {out} (alpha={s.alpha}, seed={s.seed})")
     if s.holdout is not None:
@@ -264,6 +320,8 @@ def _print_summary(result: SplitResult, out: Path) -> None:
         print(f"  {cid}: {len(stream)} tasks, {n_train} train / {n_test} test examples{note}")
         if not stream:
             print(f"{PROG}: warning: {cid} received no train examples at all", file=sys.stderr)
+    for warning in warnings or []:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
 
 
 if __name__ == "__main__":

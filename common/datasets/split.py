@@ -288,8 +288,9 @@ def write_split(
     out: Path,
     *,
     sources: Mapping[str, str] | None = None,
+    warnings: Sequence[str] = (),
 ) -> None:
-    """Write client streams, global test sets, public.txt and split.json under `out`."""
+    """Write client streams, global test sets, public.txt and split.json (with `warnings`) under `out`."""
     out = Path(out)
     prepare_output_dir(out)
     for cid, stream in result.streams.items():
@@ -302,6 +303,7 @@ def write_split(
     lines = [" ".join(s.split()) for s in public_sentences]
     (out / PUBLIC_FILE).write_text("".join(f"{s}\n" for s in lines if s), encoding="utf-8")
     manifest = split_manifest(result, sources or {}, len([s for s in lines if s]))
+    manifest["warnings"] = list(warnings)
     (out / SPLIT_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.datasets.records import DataFormatError, Example, read_jsonl, write_jsonl
+from common.datasets.checks import footer, load_labelled
+from common.datasets.problems import ProblemLog
+from common.datasets.records import DataFormatError, Example, write_jsonl
 
 TRAIN_FILE = "train.jsonl"
 TEST_FILE = "test.jsonl"
@@ -26,9 +28,16 @@ class Task:
 
 
 def load_task_stream(directory: Path) -> list[Task]:
-    """Read every task subdirectory of `directory`, in name order."""
+    """Read every task subdirectory of `directory`, in name order.
+
+    Every label and text of every task is checked first (common/labels.py): DataErrors lists every
+    problem of the whole stream, so a client refuses bad data before it trains or sends anything.
+    """
     directory = Path(directory)
-    return [_load_task(task_dir) for task_dir in _task_dirs(directory)]
+    log = ProblemLog()
+    tasks = [_load_task(task_dir, log) for task_dir in _task_dirs(directory)]
+    log.raise_if_any(f"task stream {directory} cannot be used", footer(log))
+    return tasks
 
 
 def write_task(directory: Path, task: Task) -> Path:
@@ -56,16 +65,16 @@ def _task_dirs(directory: Path) -> list[Path]:
     return task_dirs
 
 
-def _load_task(task_dir: Path) -> Task:
+def _load_task(task_dir: Path, log: ProblemLog) -> Task:
     train_path = task_dir / TRAIN_FILE
     if not train_path.is_file():
         raise DataFormatError(
             f"task {task_dir.name!r} in {task_dir.parent} has no {TRAIN_FILE}; "
             f"add {train_path} or remove the directory from the stream"
         )
-    train = read_jsonl(train_path)
-    if not train:
+    train = load_labelled(train_path, log, fmt="jsonl").examples
+    if not train and not log:
         raise DataFormatError(f"{train_path} has no examples; every task needs at least one train example")
     test_path = task_dir / TEST_FILE
-    test = read_jsonl(test_path) if test_path.is_file() else []
+    test = load_labelled(test_path, log, fmt="jsonl").examples if test_path.is_file() else []
     return Task(name=task_dir.name, train=train, test=test)

@@ -125,6 +125,25 @@ def _figures(images: Sequence[ReportImage]) -> str:
     return "\n".join(out)
 
 
+def tasks_table(doc: dict[str, Any]) -> str:
+    """Task -> labels, when the document names them. Labels are any printable Unicode (common/labels.py):
+    escaped, and each in its own <bdi> so that a right-to-left name cannot reorder its neighbours."""
+    tasks = doc.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        return ""
+    rows = "".join(
+        f'<tr data-task="{escape(str(task))}"><td class="method">{escape(str(task))}</td>'
+        f'<td class="num">{len(labels)}</td><td>'
+        + ", ".join(f'<bdi class="label">{escape(str(y))}</bdi>' for y in labels)
+        + "</td></tr>"
+        for task, labels in tasks.items()
+    )
+    return (
+        '<h2>Tasks and labels</h2><div class="scroll"><table id="tasks"><thead><tr><th>task</th>'
+        f"<th>labels</th><th>names</th></tr></thead><tbody>{rows}</tbody></table></div>"
+    )
+
+
 def report_page(doc: dict[str, Any], images: Sequence[ReportImage], source: str) -> str:
     """The whole page: title, context, summary table, then every image grouped by section, in order."""
     title = f"fcl report — {doc.get('scenario', '?')}"
@@ -141,6 +160,7 @@ def report_page(doc: dict[str, Any], images: Sequence[ReportImage], source: str)
 transfer (BWT) in percentage points; – where a method has no value.</p>
 {metrics_table(doc, ACCURACY_COLUMNS, "summary")}
 {metrics_table(doc, COST_COLUMNS, "cost")}
+{tasks_table(doc)}
 {_figures(images)}
 </body></html>
 """

@@ -46,6 +46,7 @@ class _Document(BaseModel):
     fm: str
     seeds: list[int]
     results: list[_Row] = Field(min_length=1)
+    tasks: dict[str, list[str]] | None = None  # task -> its labels (the demo writes them from split.json)
 
 
 def _where(loc: tuple[int | str, ...]) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.datasets.records import Example, read_jsonl
+from common.datasets.checks import read_labelled
+from common.datasets.records import Example
 
 BUILTIN_DIR: Path = Path(__file__).resolve().parent
 
@@ -38,12 +39,12 @@ def load_groups() -> dict[str, list[str]]:
 
 def load_train() -> list[Example]:
     """The labelled training utterances."""
-    return read_jsonl(train_path())
+    return read_labelled(train_path())
 
 
 def load_test() -> list[Example]:
     """The labelled test utterances."""
-    return read_jsonl(test_path())
+    return read_labelled(test_path())
 
 
 def load_public() -> list[str]:
