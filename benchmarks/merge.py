@@ -27,10 +27,10 @@ def merge(docs: list[dict[str, Any]], note: str = "") -> dict[str, Any]:
     results = [r for doc in docs for r in doc["results"]]
     seen: set[tuple[str, int]] = set()
     for r in results:
-        key = (r["method"], r["seed"])
-        if key in seen:
-            raise MergeError(f"method {key[0]!r} seed {key[1]} appears twice")
-        seen.add(key)
+        run = (r["method"], r["seed"])
+        if run in seen:
+            raise MergeError(f"method {run[0]!r} seed {run[1]} appears twice")
+        seen.add(run)
     results.sort(key=lambda r: r["seed"])  # stable: each seed keeps its method order
     command = "; ".join(doc["command"] for doc in docs) + (f" ({note})" if note else "")
     seeds = sorted({int(r["seed"]) for r in results})
