@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -318,7 +319,7 @@ class ClientRunner:
                 )
                 return self._remember_fm(fm)
         target = self.cfg.work_dir / "fm" / server_fm.digest
-        if not (target / "config.json").exists():
+        if not target.is_dir():  # unpacked whole or not at all (below), whatever the model's layout
             self.say(
                 f"[{self.cfg.client_id}] downloading the server's FM {server_fm.name} "
                 f"({server_fm.archive_size / 1e6:.1f} MB)"
@@ -326,7 +327,10 @@ class ClientRunner:
             archive = self.cfg.work_dir / "fm.tar"
             with self.bars.bar("downloading FM", data=True) as received:
                 self.conn.download_fm(archive, progress=received)
-            extract_fm_archive(archive, target)
+            partial = target.with_name(target.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)  # a client killed while unpacking
+            extract_fm_archive(archive, partial)
+            partial.rename(target)
             archive.unlink()
         # the archive's fcl_encoding.json holds the server's encoding; the options given agree with it
         fm = FoundationModel(
