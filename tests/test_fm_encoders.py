@@ -214,6 +214,22 @@ def test_st_layout_lowercasing(tiny_roberta: Path, tmp_path: Path) -> None:
     )
 
 
+def test_st_layout_with_the_transformer_in_a_subfolder(tiny_bert: Path, tmp_path: Path) -> None:
+    """Old sentence-transformers models keep the transformer in 0_Transformer/."""
+    path = tmp_path / "old"
+    shutil.copytree(tiny_bert, path / "0_Transformer")
+    write_st_files(path / "0_Transformer", pooling={"pooling_mode_max_tokens": True}, max_seq_length=20)
+    for name in ("modules.json", "1_Pooling", "config_sentence_transformers.json"):
+        shutil.move(path / "0_Transformer" / name, path / name)
+    modules = json.loads((path / "modules.json").read_text())
+    modules[0]["path"] = "0_Transformer"
+    (path / "modules.json").write_text(json.dumps(modules))
+    fm = FoundationModel(str(path))
+    assert fm.encoding == FMEncoding(("max",), True, True, 20, "")
+    theirs = sentence_transformers_model(path).encode(TEXTS, convert_to_tensor=True).float()
+    torch.testing.assert_close(fm.encode(TEXTS), theirs, atol=1e-5, rtol=1e-4)
+
+
 def test_a_model_saved_by_sentence_transformers_with_dense(tiny_bert: Path, tmp_path: Path) -> None:
     """What sentence-transformers writes today (its module paths, `pooling_mode`, a Dense module)."""
     from sentence_transformers import SentenceTransformer
