@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from common.fm import (
     default_device,
     extract_fm_archive,
 )
+from common.fm_encoding import EncodingError, EncodingOverrides, FMDtype, FMEncoding, PoolingMode
 from common.package import decode_package, encode_package
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.tls import TLSFiles
@@ -34,6 +36,8 @@ from fcl_client.progress import Bars
 
 log = logging.getLogger(__name__)
 FM_PATH_FILE = "fm_path"
+FM_ENCODING_FILE = "fm_encoding.json"  # the encoding the work dir's features were computed with
+_OPTION_FLAGS = {"pooling": "--fm-pooling", "max_length": "--fm-max-length", "prompt": "--fm-prompt"}
 
 
 class ClientConfig(BaseModel):
@@ -47,6 +51,11 @@ class ClientConfig(BaseModel):
     work_dir: Path
     device: str = Field(default_factory=default_device)
     fm: str = DEFAULT_FM
+    # explicit FM encoding options: must match the server's (else refused), None = as the FM's files say
+    fm_pooling: PoolingMode | None = None
+    fm_max_length: int | None = Field(None, ge=2)
+    fm_prompt: str | None = None
+    fm_dtype: FMDtype = "float32"  # precision of feature extraction on this node (not part of the digest)
     smcf: SMCFConfig = Field(default_factory=SMCFConfig)
     seed: int = 0
     timeout: float = 60.0
@@ -56,6 +65,9 @@ class ClientConfig(BaseModel):
 
     def tls(self) -> TLSFiles:
         return TLSFiles(self.tls_cert, self.tls_key, self.tls_ca)
+
+    def fm_overrides(self) -> EncodingOverrides:
+        return EncodingOverrides.of(self.fm_pooling, self.fm_max_length, self.fm_prompt)
 
 
 @dataclass
@@ -277,10 +289,16 @@ class ClientRunner:
             return cached_features(fm, texts, self.cfg.work_dir / "cache", progress=encoded)
 
     def resolve_fm(self) -> FoundationModel:
-        """Use the local FM if it is the server's; otherwise download the server's (resumable, verified)."""
+        """The server's FM: the local one when it matches, else the server's (downloaded, resumable, checked).
+
+        Explicit encoding options (--fm-pooling, --fm-max-length, --fm-prompt) must be what the server
+        encodes with: a client told otherwise is refused, naming each difference, before anything is
+        downloaded. Without them the client encodes as the server does.
+        """
+        overrides = self.local_fm.overrides if self.local_fm else self.cfg.fm_overrides()
         try:
             local: FoundationModel | None = self.local_fm or FoundationModel(
-                self.cfg.fm, device=self.cfg.device
+                self.cfg.fm, device=self.cfg.device, overrides=overrides, dtype=self.cfg.fm_dtype
             )
         except FoundationModelError as exc:
             log.info("no usable local FM (%s); will download the server's", exc)
@@ -290,8 +308,18 @@ class ClientRunner:
         if local is not None and reg.fm_matches:
             return self._remember_fm(local)
         server_fm = reg.foundation_model
+        served = self._served_encoding(server_fm, overrides)
+        if local is not None and served is not None and local.files_digest == server_fm.files_digest:
+            # the same model files, encoded otherwise by default: take the server's settings, no download
+            fm = local.reconfigured(EncodingOverrides.from_encoding(served))
+            if fm.digest == server_fm.digest:
+                self.say(
+                    f"[{self.cfg.client_id}] using the local FM with the server's encoding "
+                    f"({'; '.join(local.encoding.differences(served))})"
+                )
+                return self._remember_fm(fm)
         target = self.cfg.work_dir / "fm" / server_fm.digest
-        if not (target / "config.json").exists():
+        if not target.is_dir():  # unpacked whole or not at all (below), whatever the model's layout
             self.say(
                 f"[{self.cfg.client_id}] downloading the server's FM {server_fm.name} "
                 f"({server_fm.archive_size / 1e6:.1f} MB)"
@@ -299,17 +327,48 @@ class ClientRunner:
             archive = self.cfg.work_dir / "fm.tar"
             with self.bars.bar("downloading FM", data=True) as received:
                 self.conn.download_fm(archive, progress=received)
-            extract_fm_archive(archive, target)
+            partial = target.with_name(target.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)  # a client killed while unpacking
+            extract_fm_archive(archive, partial)
+            partial.rename(target)
             archive.unlink()
-        fm = FoundationModel(str(target), device=self.cfg.device)
+        # the archive's fcl_encoding.json holds the server's encoding; the options given agree with it
+        fm = FoundationModel(
+            str(target), device=self.cfg.device, overrides=overrides, dtype=self.cfg.fm_dtype
+        )
         if fm.digest != server_fm.digest:
             raise FoundationModelError("the downloaded FM does not match the server's digest")
         return self._remember_fm(fm)
 
+    def _served_encoding(
+        self, server_fm: pb.FoundationModelInfo, overrides: EncodingOverrides
+    ) -> FMEncoding | None:
+        """The server's encoding (None from a server too old to say); refuses options that contradict it."""
+        if not server_fm.encoding_json:
+            return None
+        try:
+            served = FMEncoding.from_json(server_fm.encoding_json)
+        except EncodingError as exc:
+            raise FoundationModelError(f"the server describes its FM encoding badly: {exc}") from exc
+        served_values = served.as_dict()
+        conflicts = [
+            f"{_OPTION_FLAGS.get(key, key)} {value!r} (the server: {served_values[key]!r})"
+            for key, value in overrides.given().items()
+            if value != served_values[key]
+        ]
+        if conflicts:
+            raise FoundationModelError(
+                "this client's FM encoding differs from the server's, so their features would not be "
+                f"comparable: {'; '.join(conflicts)}. Drop these options to encode as the server does, "
+                "or set them to the server's values (`fcl-server fm info` prints them)"
+            )
+        return served
+
     def _remember_fm(self, fm: FoundationModel) -> FoundationModel:
-        """Record which FM this work dir uses, so `fcl-client predict` loads the same one offline."""
+        """Record which FM and encoding this work dir uses, so `fcl-client predict` loads the same offline."""
         self.cfg.work_dir.mkdir(parents=True, exist_ok=True)
         (self.cfg.work_dir / FM_PATH_FILE).write_text(str(fm.path))
+        (self.cfg.work_dir / FM_ENCODING_FILE).write_text(fm.encoding.canonical_json())
         return fm
 
 
@@ -319,4 +378,8 @@ def load_trained(work_dir: Path, device: str = "cpu") -> tuple[FoundationModel, 
     _, learner = CheckpointStore(work_dir).load()
     if learner is None or not fm_file.exists():
         raise RuntimeError(f"{work_dir} holds no trained client; run `fcl-client run` first")
-    return FoundationModel(fm_file.read_text().strip(), device=device), learner
+    encoding_file = work_dir / FM_ENCODING_FILE
+    overrides = EncodingOverrides()
+    if encoding_file.exists():  # (older work dirs have none: their FM encoded as its files said)
+        overrides = EncodingOverrides.from_encoding(FMEncoding.from_json(encoding_file.read_text()))
+    return FoundationModel(fm_file.read_text().strip(), device=device, overrides=overrides), learner

@@ -9,6 +9,8 @@ from pydantic import Field, field_validator, model_validator
 
 from common.config import SMCFConfig
 from common.fm import DEFAULT_FM
+from common.fm_encoding import FMDtype, PoolingMode
+from common.fm_options import fm_dtype_field, fm_max_length_field, fm_pooling_field, fm_prompt_field
 from common.logs import LOG_LEVELS, LogFormat, log_level
 from common.settings import LayeredSettings
 from fcl_client.runner import ClientConfig
@@ -59,6 +61,10 @@ class RunSettings(LayeredSettings):
         description="local FM (name or directory) to use when it is the server's; otherwise the server's "
         "FM is downloaded",
     )
+    fm_pooling: PoolingMode | None = fm_pooling_field()
+    fm_max_length: int | None = fm_max_length_field()
+    fm_prompt: str | None = fm_prompt_field()
+    fm_dtype: FMDtype = fm_dtype_field()
     epochs: int = Field(_SMCF.epochs, ge=1, description="SMCF epochs per task")
     share_stats: bool = Field(True, description="upload per-label feature statistics with the model")
     stats_noise: float = Field(
@@ -104,7 +110,21 @@ class RunSettings(LayeredSettings):
             stats_rank=self.stats_rank,
         )
         fields = self.model_dump(
-            include={"server", "client_id", "stream", "model", "work_dir", "device", "fm", "seed", "timeout"},
+            include={
+                "server",
+                "client_id",
+                "stream",
+                "model",
+                "work_dir",
+                "device",
+                "fm",
+                "fm_pooling",
+                "fm_max_length",
+                "fm_prompt",
+                "fm_dtype",
+                "seed",
+                "timeout",
+            },
             exclude_none=True,
         )
         tls = self.model_dump(include={"tls_ca", "tls_cert", "tls_key"}, exclude_none=True)

@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.config import OBODConfig
 from common.fm import DEFAULT_FM, FoundationModel, default_device
+from common.fm_encoding import EncodingOverrides, FMDtype, PoolingMode
+from common.fm_options import fm_dtype_field, fm_max_length_field, fm_pooling_field, fm_prompt_field
 from common.settings import host_port
 from common.stubs.fcl.v1 import fcl_pb2, fcl_pb2_grpc
 from common.tls import TLSConfigError, TLSFiles, is_loopback
@@ -65,6 +67,10 @@ class ServerConfig(BaseModel):
         "job this often; on SQLite it polls every second",
     )
     fm: str = DEFAULT_FM
+    fm_pooling: PoolingMode | None = fm_pooling_field()
+    fm_max_length: int | None = fm_max_length_field()
+    fm_prompt: str | None = fm_prompt_field()
+    fm_dtype: FMDtype = fm_dtype_field()
     public_corpus: Path | None = Field(None, description="unlabeled text, one sentence per line")
     device: str = Field(default_factory=default_device)
     max_workers: int = Field(32, ge=2, description="threads doing the calls' work (database, files) at once")
@@ -105,6 +111,15 @@ class ServerConfig(BaseModel):
     @classmethod
     def _metrics_address(cls, value: str | None) -> str | None:
         return None if value is None else host_port(value)
+
+    def fm_overrides(self) -> EncodingOverrides:
+        return EncodingOverrides.of(self.fm_pooling, self.fm_max_length, self.fm_prompt)
+
+    def load_fm(self) -> FoundationModel:
+        """The FM this server serves, with its encoding options."""
+        return FoundationModel(
+            self.fm, device=self.device, overrides=self.fm_overrides(), dtype=self.fm_dtype
+        )
 
     def watchers(self) -> int:
         return self.max_watchers or max(1, self.max_workers // 2)
@@ -266,7 +281,7 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
     requeued = state.requeue_running(worker_id) if config.worker else 0
     if dropped or requeued:
         log.info("recovery: dropped %d partial blobs, re-queued %d interrupted jobs", dropped, requeued)
-    fm = fm or FoundationModel(config.fm, device=config.device)
+    fm = fm or config.load_fm()
     corpus = read_public_corpus(config.public_corpus or default_public_corpus())
     fm_host = FMHost(fm, state, blobs, corpus, state_dir / "cache")
     limits = ServerLimits(

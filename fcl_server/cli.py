@@ -1,8 +1,9 @@
-"""`fcl-server`: run the daemon (serve) or a worker, manage tokens (enroll, revoke) and the database (db)."""
+"""`fcl-server`: the daemon (serve), a worker, tokens (enroll, revoke), the database (db), the FM (fm)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import secrets
@@ -28,7 +29,7 @@ from fcl_server.database import (
     upgrade,
 )
 from fcl_server.errors import Unavailable
-from fcl_server.settings import ServeSettings, WorkerSettings
+from fcl_server.settings import FMInfoSettings, ServeSettings, WorkerSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = sub.add_parser("revoke", help="revoke every token of a client or admin")
     _database_flags(revoke)
     revoke.add_argument("client_id")
+
+    fm = sub.add_parser("fm", help="the foundation model this server serves")
+    fm_sub = fm.add_subparsers(dest="fm_command", required=True)
+    info = add_settings_command(
+        fm_sub,
+        "info",
+        "print the FM serve would serve: name, digest and encoding (what every node must match)",
+        FMInfoSettings,
+        "FCL_FM, FCL_FM_POOLING",
+        "deploy/server.example.toml",
+    )
+    info.add_argument("--json", action="store_true", help="print one JSON object (to compare nodes)")
 
     db = sub.add_parser("db", help="the state database's schema: upgrade it, or show its revision")
     db_sub = db.add_subparsers(dest="db_command", required=True)
@@ -105,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             return enroll(args.state_dir, args.client_id, args.admin, args.database)
         if args.command == "revoke":
             return revoke(args.state_dir, args.client_id, args.database)
+        if args.command == "fm":
+            return fm_info(args)
         if args.command == "db":
             return db_command(args.db_command, args.state_dir, args.database)
     except (ValidationError, FoundationModelError, ValueError, OSError, DatabaseError) as exc:
@@ -177,6 +192,37 @@ def db_command(command: str, state_dir: Path | None, database: str | None) -> in
         return 0 if revision.at_head else 1
     finally:
         engine.dispose()
+
+
+def fm_info(args: argparse.Namespace) -> int:
+    """`fm info`: load the FM as serve would (same flags, FCL_* variables, --config file); describe it."""
+    from common.fm import FoundationModel, default_device
+    from common.fm_encoding import EncodingOverrides
+
+    settings = load_settings(FMInfoSettings, given_flags(args, FMInfoSettings), args.config)
+    fm = FoundationModel(
+        settings.fm,
+        device=settings.device or default_device(),
+        overrides=EncodingOverrides.of(settings.fm_pooling, settings.fm_max_length, settings.fm_prompt),
+        dtype=settings.fm_dtype,
+    )
+    described = fm.describe()
+    if args.json:
+        print(json.dumps(described, indent=1, ensure_ascii=False))
+        return 0
+    for key, value in described.items():
+        print(f"{key:<14} {_shown(value)}")
+    return 0
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "+".join(map(str, value))
+    if isinstance(value, str) and (value == "" or value != value.strip()):
+        return json.dumps(value, ensure_ascii=False)  # quoted, so '' and a trailing space show
+    return str(value)
 
 
 def serve(args: argparse.Namespace) -> int:

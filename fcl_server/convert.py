@@ -35,6 +35,8 @@ def fm_info(info: FMInfo) -> pb.FoundationModelInfo:
         feature_dim=info.feature_dim,
         archive_size=info.archive_size,
         archive_sha256=info.archive_blob,
+        encoding_json=info.encoding.canonical_json() if info.encoding else "",
+        files_digest=info.files_digest,
     )
 
 

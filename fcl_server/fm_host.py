@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from common.fm import FoundationModel, cached_features, file_sha256, write_fm_archive
+from common.fm_encoding import FMEncoding
 from fcl_server.blobs import BlobStore
 from fcl_server.state import State
 
@@ -23,6 +24,8 @@ class FMInfo:
     feature_dim: int
     archive_blob: str
     archive_size: int
+    files_digest: str = ""
+    encoding: FMEncoding | None = None  # None only in tests' hand-made infos
 
 
 class FMHost:
@@ -49,11 +52,13 @@ class FMHost:
         blob = state.get_kv(key)
         if blob is None or not blobs.exists(blob):
             tmp = blobs.new_temp()
-            write_fm_archive(fm.path, tmp)
+            write_fm_archive(fm.path, tmp, fm.encoding)
             blob = blobs.put_file(tmp, file_sha256(tmp))
             state.set_kv(key, blob)
             log.info("FM archive %s written (%d bytes)", blob[:12], blobs.size(blob))
-        return FMInfo(fm.name, fm.digest, fm.feature_dim, blob, blobs.size(blob))
+        return FMInfo(
+            fm.name, fm.digest, fm.feature_dim, blob, blobs.size(blob), fm.files_digest, fm.encoding
+        )
 
 
 def read_public_corpus(path: Path) -> list[str]:

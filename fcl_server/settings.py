@@ -6,11 +6,14 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
 
 from common.config import OBODConfig
 from common.fm import DEFAULT_FM
+from common.fm_encoding import FMDtype, PoolingMode
+from common.fm_options import fm_dtype_field, fm_max_length_field, fm_pooling_field, fm_prompt_field
 from common.logs import LOG_LEVELS, LogFormat, log_level
-from common.settings import LayeredSettings, host_port
+from common.settings import ENV_PREFIX, LayeredSettings, host_port
 from fcl_server.app import ServerConfig
 
 _SERVER = ServerConfig.model_fields
@@ -31,6 +34,10 @@ class ProcessSettings(LayeredSettings):
         None, description=_SERVER["blob_dir"].description, examples=["/mnt/fcl-shared"]
     )
     fm: str = Field(DEFAULT_FM, description="FM name (packaged default) or a local model directory")
+    fm_pooling: PoolingMode | None = fm_pooling_field()
+    fm_max_length: int | None = fm_max_length_field()
+    fm_prompt: str | None = fm_prompt_field()
+    fm_dtype: FMDtype = fm_dtype_field()
     public_corpus: Path | None = Field(
         None,
         description="unlabeled text file, one sentence per line (default: the built-in public split)",
@@ -168,3 +175,19 @@ class ServeSettings(ProcessSettings):
     @classmethod
     def _not_server_config(cls) -> set[str]:
         return super()._not_server_config() | {"port_file"}
+
+
+class FMInfoSettings(LayeredSettings):
+    """The options of `fcl-server fm info`: those that decide the served FM. Other keys of a server config
+    file, and other FCL_* variables, are ignored, so it reads the same file and environment as serve."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", case_sensitive=False)
+
+    fm: str = Field(DEFAULT_FM, description="FM name (packaged default) or a local model directory")
+    fm_pooling: PoolingMode | None = fm_pooling_field()
+    fm_max_length: int | None = fm_max_length_field()
+    fm_prompt: str | None = fm_prompt_field()
+    fm_dtype: FMDtype = fm_dtype_field()
+    device: Literal["cpu", "cuda"] | None = Field(
+        None, description="cpu or cuda (default: cuda when available)", examples=["cpu"]
+    )

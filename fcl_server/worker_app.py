@@ -52,7 +52,7 @@ def create_worker(
         state.close()
         raise
     blobs.clear_temp()
-    fm = fm or FoundationModel(config.fm, device=config.device)
+    fm = fm or config.load_fm()
     corpus = read_public_corpus(config.public_corpus or default_public_corpus())
     fm_host = FMHost(fm, state, blobs, corpus, config.state_dir / "cache")
     notifier = JobNotifier()

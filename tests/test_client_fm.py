@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from common.fm import FoundationModel, fm_digest
+from common.fm import FoundationModel, files_digest
 from fcl_client.connection import Connection
 from fcl_client.runner import ClientConfig, ClientRunner
 from tests.servers import inprocess_server
@@ -18,7 +18,7 @@ def test_client_with_other_fm_downloads_the_servers(
     shutil.copytree(fm.path, other)
     config = other / "tokenizer_config.json"
     config.write_text(config.read_text() + "\n")  # same weights, different files: a different FM
-    assert fm_digest(other) != fm.digest
+    assert files_digest(other) != fm.files_digest
 
     server = inprocess_server(tmp_path, fm, public_corpus=small_split / "public.txt")
     try:

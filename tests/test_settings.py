@@ -216,7 +216,7 @@ def test_example_files_load_validate_and_list_every_option(cls: type, path: Path
 
 
 def test_every_option_is_a_flag_of_its_command() -> None:
-    choices = {"device": "cpu", "log_format": "json"}
+    choices = {"device": "cpu", "log_format": "json", "fm_pooling": "cls", "fm_dtype": "bf16"}
     for parser, command, cls in (
         (server_parser(), "serve", ServeSettings),
         (client_parser(), "run", RunSettings),

@@ -87,16 +87,22 @@ class FoundationModelInfo(_message.Message):
     FEATURE_DIM_FIELD_NUMBER: _builtins.int
     ARCHIVE_SIZE_FIELD_NUMBER: _builtins.int
     ARCHIVE_SHA256_FIELD_NUMBER: _builtins.int
+    ENCODING_JSON_FIELD_NUMBER: _builtins.int
+    FILES_DIGEST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """e.g. "all-MiniLM-L6-v2" """
     digest: _builtins.str
-    """sha256 over the FM files (paths and contents)"""
+    """sha256 over files_digest and encoding_json (docs/foundation-models.md)"""
     feature_dim: _builtins.int
     """size of f(x)"""
     archive_size: _builtins.int
     """bytes of the tar archive served by GetFoundationModel"""
     archive_sha256: _builtins.str
     """sha256 of that archive"""
+    encoding_json: _builtins.str
+    """how token states become f(x): canonical JSON of pooling, include_prompt, normalize, max_length, prompt"""
+    files_digest: _builtins.str
+    """sha256 over the FM files (paths and contents)"""
     def __init__(
         self,
         *,
@@ -105,10 +111,12 @@ class FoundationModelInfo(_message.Message):
         feature_dim: _builtins.int = ...,
         archive_size: _builtins.int = ...,
         archive_sha256: _builtins.str = ...,
+        encoding_json: _builtins.str = ...,
+        files_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_sha256", b"archive_sha256", "archive_size", b"archive_size", "digest", b"digest", "feature_dim", b"feature_dim", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_sha256", b"archive_sha256", "archive_size", b"archive_size", "digest", b"digest", "encoding_json", b"encoding_json", "feature_dim", b"feature_dim", "files_digest", b"files_digest", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
