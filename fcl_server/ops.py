@@ -284,7 +284,7 @@ def view_status(src: Source) -> dict[str, Any]:
             "personal_heads": sum(1 for c in st.clients if c.personal_version),
             "queue_depth": st.queue_depth,
             "jobs": counts,
-            "jobs_counted": f"the newest {len(st.jobs)} (personalizing reads as running)",
+            "jobs_counted": f"among the newest {len(st.jobs)}; personalizing reads as running",
             "workers": [
                 {
                     "worker_id": w.worker_id,
@@ -400,6 +400,10 @@ def view_clients(src: Source) -> list[dict[str, Any]]:
     return out
 
 
+def _number(value: float) -> str:
+    return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+
+
 def render_clients(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no clients yet"
@@ -411,7 +415,7 @@ def render_clients(rows: list[dict[str, Any]]) -> str:
                 _when(r["last_seen"]),
                 r["uploads"],
                 f"v{r['personal_version']}" if r["personal_version"] else "",
-                " ".join(f"{k}={v:.3f}" for k, v in r["last_metrics"].items()),
+                " ".join(f"{k}={_number(v)}" for k, v in r["last_metrics"].items()),
             )
             for r in rows
         ],

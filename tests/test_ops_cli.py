@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -30,7 +30,10 @@ from fcl_server import gc as gcmod
 from fcl_server import worker as worker_module
 from fcl_server.blobs import BlobStore
 from fcl_server.cli import main as server_cli
-from fcl_server.state import GLOBAL, PERSONAL, JobState, LeaseLost, State, _lock_head
+from fcl_server.errors import NotFound
+from fcl_server.fm_host import FMHost
+from fcl_server.service import FclService
+from fcl_server.state import GLOBAL, PERSONAL, JobState, LeaseLost, Principal, State, _lock_head
 from tests.servers import enroll, inprocess_server, package_bytes
 
 OLD = 2 * 3600.0  # blobs made by a test are aged this much, past gc's grace period
@@ -445,6 +448,14 @@ def test_gc_frees_old_versions_and_finished_packages_and_keeps_what_is_used(stor
     ]
     code, _, err = cli("rollback", *s.db, *s.blob, "--global-version", "2")
     assert code == 2 and "was deleted by fcl-server gc" in err
+    service = FclService(st, s.blobs, cast(FMHost, None))  # GetKnowledge's domain call; no FM needed
+    try:
+        ops = Principal("ops", True)
+        with pytest.raises(NotFound, match="version 2 was deleted by `fcl-server gc`"):
+            service.head(ops, GLOBAL, "", 2)
+        assert service.head(ops, GLOBAL, "", 4)[1].exists()
+    finally:
+        service.close()
     live = st.head(GLOBAL, "")
     assert jobs[-1][1] == 4 and live is not None and live.version == 4 and s.exists(live.blob)
 
