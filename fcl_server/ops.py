@@ -241,10 +241,6 @@ class Source:
     target: str = ""
     status: Callable[[int], Any] | None = None  # GetStatus(max_jobs) over gRPC
 
-    def close(self) -> None:
-        if self.state is not None:
-            self.state.close()
-
 
 def open_source(args: argparse.Namespace) -> tuple[Source, Callable[[], None]]:
     if not args.server:
