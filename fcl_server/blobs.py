@@ -4,6 +4,11 @@ The store may be shared by several server processes, on one host or over a share
 process writes its temp files in a directory of its own under `tmp/`, named by host, pid and a random
 suffix; at start a process removes only the temp directories of processes that are gone: on its own
 host, those whose pid is dead; on any host, those untouched for `stale_temp_s`.
+
+A writer that finds its blob already there touches it (its mtime becomes now) instead of writing it
+again, and so does anything else that makes a new reference to an existing blob (`fcl-server
+rollback`): `fcl-server gc` never deletes a blob touched within its grace period, so a blob that a
+concurrent upload or job is about to reference in the database is never collected (fcl_server.gc).
 """
 
 from __future__ import annotations
@@ -84,9 +89,38 @@ class BlobStore:
     def exists(self, digest: str) -> bool:
         return self.path(digest).exists()
 
+    def touch(self, digest: str) -> bool:
+        """Mark an existing blob as just used (mtime now): gc keeps it for its grace period. False when
+        the blob is not there (then write it)."""
+        try:
+            os.utime(self.path(digest))
+        except FileNotFoundError:
+            return False
+        except PermissionError:  # another user's file (not a setup fcl makes): it is there, untouchable
+            return True
+        return True
+
+    def read_mark(self) -> str | None:
+        """The token of this blob dir (see bind), or None when the dir has none yet."""
+        try:
+            return (self.root / MARK).read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    def check_mark(self, expected: str | None) -> None:
+        """Refuse a blob dir that is not the database's (without writing anything, unlike bind)."""
+        token = self.read_mark()
+        if expected is None or token == expected:
+            return
+        found = f"its {MARK} token is {token[:8]}..." if token else f"it has no {MARK}"
+        raise BlobDirError(
+            f"{self.root} is not the blob dir of this database ({found}, the database's {expected[:8]}...): "
+            "give --blob-dir (or --state-dir) as the server has it"
+        )
+
     def put_bytes(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
-        if not self.exists(digest):
+        if not self.touch(digest):
             fd, tmp = tempfile.mkstemp(dir=self._temp_dir())
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -97,7 +131,7 @@ class BlobStore:
 
     def put_file(self, tmp_path: Path, digest: str) -> str:
         """Move a fully written, fsynced temp file (inside this store's tmp dir) in under `digest`."""
-        if self.exists(digest):
+        if self.touch(digest):
             tmp_path.unlink(missing_ok=True)
         else:
             self._publish(tmp_path, digest)

@@ -1,24 +1,27 @@
-"""`fcl-server`: the daemon (serve), a worker, tokens (enroll, revoke), the database (db), the FM (fm)."""
+"""`fcl-server`: the daemon (serve), a worker, tokens (enroll, revoke), the database (db), the FM (fm);
+the operator's commands (status, clients, jobs, heads, rollback, gc, backup, restore) are fcl_server.ops."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import secrets
 import signal
 import sys
 import threading
 from pathlib import Path
 
+import grpc
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from common.fm import FoundationModelError
 from common.logs import setup_logging
 from common.settings import add_settings_command, given_flags, load_settings
+from fcl_server import ops
 from fcl_server.app import create_server, open_state
+from fcl_server.backup import BackupError
 from fcl_server.database import (
     DatabaseError,
     create_engine,
@@ -86,25 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     _database_flags(
         db_sub.add_parser("current", help="print the database's schema revision; exit 1 when behind the head")
     )
+    ops.add_commands(sub)
     return parser
 
 
-def _database_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--state-dir", type=Path, default=_env_path("FCL_STATE_DIR"), help="state dir (env FCL_STATE_DIR)"
-    )
-    parser.add_argument(
-        "--database",
-        default=os.environ.get("FCL_DATABASE") or None,
-        metavar="URL",
-        help="database URL, e.g. postgresql+psycopg://USER:PASSWORD@HOST/DB (env FCL_DATABASE; "
-        "default: SQLite in --state-dir)",
-    )
-
-
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value) if value else None
+_database_flags = ops.add_database_flags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             return fm_info(args)
         if args.command == "db":
             return db_command(args.db_command, args.state_dir, args.database)
-    except (ValidationError, FoundationModelError, ValueError, OSError, DatabaseError) as exc:
+        return ops.run(args)
+    except grpc.RpcError as exc:  # an operator view asked a server (--server)
+        code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        print(f"fcl-server: error: {args.server}: {code}: {details}", file=sys.stderr)
+        return 2
+    except (ValidationError, FoundationModelError, ValueError, OSError, DatabaseError, BackupError) as exc:
         print(f"fcl-server: error: {_explain(exc)}", file=sys.stderr)
         return 2
     except SQLAlchemyError as exc:  # e.g. PostgreSQL unreachable: the driver's reason, never the URL

@@ -97,6 +97,8 @@ heads = sa.Table(
     sa.Column("job_id", BIGINT, nullable=False),
     sa.Column("num_labels", INT, nullable=False),
     sa.Column("created", REAL, nullable=False),
+    # revision 0004: the version this one publishes again (`fcl-server rollback`); 0: a job made it
+    sa.Column("rollback_of", INT, nullable=False, server_default=ZERO),
 )
 metrics = sa.Table(
     "metrics",
@@ -142,4 +144,13 @@ workers = sa.Table(
     sa.Column("started", REAL, nullable=False),
     sa.Column("heartbeat", REAL, nullable=False),
     sa.Column("job_id", BIGINT, nullable=False, server_default=ZERO),
+)
+# revision 0004: blobs `fcl-server gc` deleted, so a reference to one reads as collected, not as lost
+collected_blobs = sa.Table(
+    "collected_blobs",
+    metadata,
+    sa.Column("digest", TEXT, primary_key=True),
+    sa.Column("size", BIGINT, nullable=False),
+    sa.Column("kind", TEXT, nullable=False),
+    sa.Column("collected", REAL, nullable=False),
 )

@@ -557,6 +557,11 @@ class FclService:
             raise NotFound(
                 f"no {scope} head ({which}) yet for {owner or 'the server'}; upload knowledge first"
             )
+        if version and not self.blobs.exists(found.blob) and self.state.collected({found.blob}):
+            raise NotFound(
+                f"{scope} head version {version} was deleted by `fcl-server gc` (its history row stays); "
+                "ask for a newer version, or 0 for the latest"
+            )
         return found, self.blobs.path(found.blob)
 
     def report_metrics(

@@ -6,6 +6,7 @@ the tables are fcl_server.schema, their migrations fcl_server/migrations (see fc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import time
@@ -24,6 +25,7 @@ from fcl_server.errors import Unavailable
 from fcl_server.job_events import JobListener, listener_for, notify_job
 from fcl_server.schema import (
     clients,
+    collected_blobs,
     heads,
     jobs,
     kv,
@@ -41,6 +43,7 @@ PERSONAL = "personal"
 T = TypeVar("T")
 DEFAULT_LEASE_S = 30.0  # a claimed job is its worker's this long after its last heartbeat
 CLAIM_LOCK = 0x6663_6C01  # PostgreSQL advisory lock key that serialises job claims ("fcl" 1)
+HEAD_LOCK = 0x6663_6C02  # with a hash of (scope, client): serialises new versions of one head series
 
 
 class LeaseLost(RuntimeError):
@@ -98,6 +101,11 @@ class HeadVersion:
     job_id: int
     num_labels: int
     created: float
+    rollback_of: int = 0  # the version this one publishes again (`fcl-server rollback`); 0: a job made it
+
+
+class RollbackError(ValueError):
+    """A rollback that cannot be done as asked; the message says why and what to do."""
 
 
 def hash_token(token: str) -> str:
@@ -408,10 +416,25 @@ class State:
             row = db.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).first()
         return _job(row._mapping) if row else None
 
-    def jobs(self, limit: int = 100) -> list[Job]:
+    def jobs(
+        self, limit: int = 100, states: list[JobState] | None = None, client_id: str | None = None
+    ) -> list[Job]:
+        """The newest `limit` jobs, newest first; only those in `states` / of `client_id` when given."""
+        query = sa.select(jobs)
+        if states:
+            query = query.where(jobs.c.state.in_([s.value for s in states]))
+        if client_id is not None:
+            query = query.where(jobs.c.client_id == client_id)
         with self._read() as db:
-            rows = db.execute(sa.select(jobs).order_by(jobs.c.job_id.desc()).limit(limit)).all()
+            rows = db.execute(query.order_by(jobs.c.job_id.desc()).limit(limit)).all()
         return [_job(r._mapping) for r in rows]
+
+    def job_counts(self) -> dict[JobState, int]:
+        """Jobs in each state (every state, 0 where none)."""
+        query = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
+        with self._read() as db:
+            found = {str(r[0]): int(r[1]) for r in db.execute(query)}
+        return {s: found.get(s.value, 0) for s in JobState}
 
     def queue_position(self, job_id: int) -> int:
         query = (
@@ -685,6 +708,7 @@ class State:
         based_on: int | None,
     ) -> int:
         self._owned(db, job, JobState.RUNNING, worker)
+        _lock_head(db, GLOBAL, "")
         gv = _next_version(db, GLOBAL, "")
         if based_on is not None and gv != based_on + 1:
             raise LeaseLost(f"job {job.job_id} started from G v{based_on}, but G is at v{gv - 1} now")
@@ -706,8 +730,13 @@ class State:
                 next_id += 1
         if bank_blob is not None:
             _upsert(db, kv, {"key": "stats_bank", "value": bank_blob})
-        # the job row is RUNNING until its caller moves it on: complete_job straight to DONE
-        db.execute(jobs.update().where(jobs.c.job_id == job.job_id).values(global_version=gv))
+        # the job row is RUNNING until its caller moves it on: complete_job straight to DONE. Its bank is
+        # kept with it: a rollback to this version restores G's bank too
+        db.execute(
+            jobs.update()
+            .where(jobs.c.job_id == job.job_id)
+            .values(global_version=gv, bank_blob=bank_blob or "")
+        )
         notify_job(db, job.job_id)  # the next global step may be claimed now
         return gv
 
@@ -718,6 +747,7 @@ class State:
         phase = JobState.RUNNING if current == JobState.RUNNING.value else JobState.PERSONALIZING
         self._owned(db, job, phase, worker)
         now = time.time()
+        _lock_head(db, PERSONAL, job.client_id)
         pv = _next_version(db, PERSONAL, job.client_id)
         db.execute(
             heads.insert().values(
@@ -748,6 +778,97 @@ class State:
         with self._read() as db:
             row = db.execute(query).first()
         return HeadVersion(**row._mapping) if row else None
+
+    def head_history(
+        self, scope: str | None = None, client_id: str | None = None, limit: int = 1000
+    ) -> list[HeadVersion]:
+        """Head versions, global first, then by client; newest version first within each."""
+        query = sa.select(heads)
+        if scope is not None:
+            query = query.where(heads.c.scope == scope)
+        if client_id is not None:
+            query = query.where(heads.c.client_id == client_id)
+        query = query.order_by(heads.c.scope, heads.c.client_id, heads.c.version.desc()).limit(limit)
+        with self._read() as db:
+            return [HeadVersion(**r._mapping) for r in db.execute(query)]
+
+    def collected(self, digests: set[str]) -> dict[str, float]:
+        """digest → when `fcl-server gc` deleted it, for those of `digests` it deleted."""
+        c = collected_blobs.c
+        found: dict[str, float] = {}
+        with self._read() as db:
+            wanted = sorted(digests)
+            for start in range(0, len(wanted), 500):  # bounded IN lists
+                query = sa.select(c.digest, c.collected).where(c.digest.in_(wanted[start : start + 500]))
+                found.update({str(r.digest): float(r.collected) for r in db.execute(query)})
+        return found
+
+    def record_collected(self, digest: str, size: int, kind: str) -> None:
+        """Record that `fcl-server gc` deletes this blob (before it does)."""
+        row = {"digest": digest, "size": size, "kind": kind, "collected": time.time()}
+        with self.tx() as db:
+            _upsert(db, collected_blobs, row)
+
+    def forget_collected(self, digest: str) -> None:
+        """gc put the blob back (it was needed after all)."""
+        with self.tx() as db:
+            db.execute(collected_blobs.delete().where(collected_blobs.c.digest == digest))
+
+    def rollback_head(
+        self,
+        scope: str,
+        client_id: str,
+        version: int,
+        check_blobs: Callable[[HeadVersion, str | None], None] = lambda *_: None,
+    ) -> tuple[HeadVersion, str | None]:
+        """Publish version `version` of a head again, as its series' next version; history stays as it is.
+
+        For G the statistics bank goes back to the one `version` was fitted with, when that is known
+        (returned: the bank's blob, "" for an empty bank, None when unknown and left as it is): the next
+        global step then starts from G and the bank as they were. `check_blobs(source, bank)` runs inside
+        the transaction, before anything is written, and raises to refuse (e.g. a blob that gc deleted).
+
+        A job whose global step is running meanwhile started from the G that was live before: its
+        publication finds G moved on (the version compare-and-set in _publish_global) and is dropped,
+        and the job runs again from the republished G.
+        """
+        with self.tx() as db:
+            _lock_head(db, scope, client_id)
+            h = heads.c
+            row = db.execute(
+                sa.select(heads).where(h.scope == scope, h.client_id == client_id, h.version == version)
+            ).first()
+            which = "the global head" if scope == GLOBAL else f"client {client_id!r}'s personalised head"
+            if row is None:
+                top = _next_version(db, scope, client_id) - 1
+                have = f"its versions are 1-{top}" if top else "it has no version yet"
+                raise RollbackError(f"{which} has no version {version}: {have} (fcl-server heads lists them)")
+            source = HeadVersion(**row._mapping)
+            live = _next_version(db, scope, client_id) - 1
+            if live == version:
+                raise RollbackError(
+                    f"version {version} is already the live version of {which}: nothing to do"
+                )
+            bank = _bank_of(db, version) if scope == GLOBAL else None
+            check_blobs(source, bank)
+            new = HeadVersion(
+                scope=scope,
+                client_id=client_id,
+                version=live + 1,
+                blob=source.blob,
+                job_id=0,
+                num_labels=source.num_labels,
+                created=time.time(),
+                rollback_of=version,
+            )
+            db.execute(heads.insert().values(**dataclasses.asdict(new)))
+            if bank is not None:
+                if bank:
+                    _upsert(db, kv, {"key": "stats_bank", "value": bank})
+                else:
+                    db.execute(kv.delete().where(kv.c.key == "stats_bank"))
+            notify_job(db)  # wakes watchers and idle workers: nothing queued changed, but G did
+            return new, bank
 
     def label_count(self) -> int:
         with self._read() as db:
@@ -864,6 +985,49 @@ def _release(db: sa.Connection, which: sa.ColumnElement[bool]) -> tuple[int, int
     personalising = jobs.update().where(j.state == JobState.PERSONALIZING.value, which)
     released = db.execute(personalising.values(worker="", lease_until=0))
     return int(requeued.rowcount), int(released.rowcount)
+
+
+def _lock_head(db: sa.Connection, scope: str, client_id: str) -> None:
+    """Serialise new versions of one head series for the rest of the transaction.
+
+    On SQLite every write transaction holds the database's write lock already (BEGIN IMMEDIATE). On
+    PostgreSQL two transactions (a job's publication and `fcl-server rollback` in another process)
+    would both read the same highest version and one would fail on the primary key: this advisory lock
+    makes the second wait and then read the first one's version.
+    """
+    if db.dialect.name == "postgresql":
+        key = sa.func.hashtext(f"{scope}/{client_id}")  # int4, as the two-key form wants
+        db.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.cast(HEAD_LOCK, sa.Integer), key)))
+
+
+def _bank_of(db: sa.Connection, version: int) -> str | None:
+    """The statistics bank G's version `version` was fitted with: its blob, "" for an empty bank (the job
+    recorded none), None when unknown (a version made before jobs recorded their bank)."""
+    h = heads.c
+    seen: set[int] = set()
+    while version not in seen:  # a rollback's bank is that of the version it republished
+        seen.add(version)
+        row = db.execute(
+            sa.select(h.job_id, h.rollback_of).where(
+                h.scope == GLOBAL, h.client_id == "", h.version == version
+            )
+        ).first()
+        if row is None:
+            return None
+        if row.rollback_of:
+            version = int(row.rollback_of)
+            continue
+        job = db.execute(
+            sa.select(jobs.c.bank_blob, jobs.c.global_version, jobs.c.worker).where(
+                jobs.c.job_id == row.job_id
+            )
+        ).first()
+        if job is None or int(job.global_version) != version:
+            return None
+        if not job.bank_blob and not job.worker:  # run before revision 0003 recorded workers and banks
+            return None
+        return str(job.bank_blob)
+    return None
 
 
 def _next_version(db: sa.Connection, scope: str, client_id: str) -> int:

@@ -205,6 +205,11 @@ class DistillationWorker:
             return
         except (Cancelled, LeaseLost) as exc:
             if self._lost.is_set() or isinstance(exc, LeaseLost):
+                if not self._lost.is_set():
+                    # G moved on under it (`fcl-server rollback` published a version meanwhile), or the
+                    # claim went to another worker: put it back at its place at once if it is still this
+                    # worker's claim, so it runs again from the live G (requeue_job checks the claim)
+                    self._abandoned = job
                 self._finished(job, "lost", started, f"dropped after {{s}}: {exc or 'lease lost'}")
                 return
             self._abandoned = job  # re-queued as the worker stops

@@ -108,23 +108,23 @@ def v010(tmp_path: Path) -> Path:
 
 # -- 0.1.0 state dirs -------------------------------------------------------------------------------------
 def test_fcl_server_db_upgrades_a_0_1_0_state_dir_in_place_with_every_row(v010: Path) -> None:
-    assert HEAD == "0003"
+    assert HEAD == "0004"
     code, out, err = cli("db", "current", "--state-dir", str(v010))
-    assert (code, out) == (1, "0001 (a 0.1.0 state database, not yet stamped; head is 0003)")
+    assert (code, out) == (1, "0001 (a 0.1.0 state database, not yet stamped; head is 0004)")
     assert err == f"database: sqlite:///{v010}/state.sqlite3"
 
     code, out, _ = cli("db", "upgrade", "--state-dir", str(v010))
     assert (code, out) == (
         0,
-        "upgraded 0001 (a 0.1.0 state database, not yet stamped; head is 0003) -> 0003 (head)",
+        "upgraded 0001 (a 0.1.0 state database, not yet stamped; head is 0004) -> 0004 (head)",
     )
-    assert cli("db", "current", "--state-dir", str(v010))[:2] == (0, "0003 (head)")
-    assert cli("db", "upgrade", "--state-dir", str(v010))[:2] == (0, "already at 0003 (head)")
+    assert cli("db", "current", "--state-dir", str(v010))[:2] == (0, "0004 (head)")
+    assert cli("db", "upgrade", "--state-dir", str(v010))[:2] == (0, "already at 0004 (head)")
 
     db = v010 / "state.sqlite3"
     assert rows_of(db) == json.loads((FIXTURE / "rows.json").read_text())
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0004",)]
         assert conn.execute("SELECT seq FROM sqlite_sequence WHERE name='jobs'").fetchall() == [(6,)]
     assert schema_drift(database.sqlite_url(db)) == []
 
