@@ -266,12 +266,6 @@ class Classifier:
             for row_v, row_i in zip(values.tolist(), index.tolist(), strict=True)
         ]
 
-    def classify(self, principal: Principal, query: ClassifyQuery) -> Classification:
-        """All of a Classify call on the caller's thread, the encode on the encoder's (in-process callers)."""
-        with self.admitted():
-            prepared = self.prepare(principal, query)
-            return Classification(prepared.version, self.executor.submit(self.predict, prepared).result())
-
     def _encoder(self) -> FoundationModel:
         """The server's FM (the same weights and encoding) with a tokenizer of its own: a Hugging Face fast
         tokenizer is not safe to share between threads, and the worker encodes the public corpus with

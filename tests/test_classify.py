@@ -13,6 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from google.protobuf.descriptor_pb2 import FileDescriptorProto
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from common import wire_limits as wire
 from common.algorithms.obod import Head
@@ -174,6 +176,22 @@ def test_top_k_scope_and_client_id_are_bounded(env: Env) -> None:
         assert f"<= {wire.CLASSIFY_TOP_K_MAX}" in details and f"not {bad}" in details
     assert "not a HeadScope" in env.refused("alice", ["x"], Code.INVALID_ARGUMENT, scope=7)
     assert "client_id must be" in env.refused("ops", ["x"], Code.INVALID_ARGUMENT, client_id="a b" * 100)
+
+
+def test_reflection_describes_classify_for_grpcurl(env: Env) -> None:
+    """grpcurl finds a method through server reflection: the file of the service, with its messages."""
+    with grpc.insecure_channel(f"127.0.0.1:{env.server.port}") as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="fcl.v1.FclService")
+        (response,) = list(stub.ServerReflectionInfo(iter([request])))
+    files = [
+        FileDescriptorProto.FromString(b) for b in response.file_descriptor_response.file_descriptor_proto
+    ]
+    methods = {m.name: m for f in files for s in f.service for m in s.method}
+    assert methods["Classify"].input_type == ".fcl.v1.ClassifyRequest"
+    assert {"ClassifyRequest", "ClassifyResponse", "TextLabels", "LabelScore"} <= {
+        m.name for f in files for m in f.message_type
+    }
 
 
 def test_the_proto_states_the_bounds() -> None:
