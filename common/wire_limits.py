@@ -51,6 +51,19 @@ METRIC_NAME_RE = re.compile(rf"\A[A-Za-z0-9][A-Za-z0-9_./\-]{{0,{METRIC_NAME_MAX
 MAX_STATUS_JOBS = 10_000  # GetStatusRequest.max_jobs: 0..MAX_STATUS_JOBS (about 1 MB of JobStatus)
 DEFAULT_STATUS_JOBS = 100  # max_jobs = 0 lists this many
 
+# -- Classify -------------------------------------------------------------------------------------
+MAX_CLASSIFY_TEXTS = 256  # ClassifyRequest.texts: 1..MAX_CLASSIFY_TEXTS per call
+# one text, in characters (code points) as labels are counted; an FM reads at most a few hundred tokens
+# (max_length, 128-512), which 2048 characters of ordinary text exceed, so nothing it could use is cut.
+# At 4 UTF-8 bytes a character a full request is at most 2.1 MB: under the server's receive cap (one
+# upload chunk, 4 MiB) and the 4 MiB default of gRPC clients, grpcurl included
+CLASSIFY_TEXT_MAX_CHARS = 2048
+# ClassifyRequest.top_k: 0..CLASSIFY_TOP_K_MAX (0: CLASSIFY_DEFAULT_TOP_K). A full answer, 256 texts x
+# 20 labels of at most 128 characters (512 bytes) each, is under 2.8 MB with its framing: it fits the
+# 4 MiB a gRPC client accepts by default, however long the labels
+CLASSIFY_TOP_K_MAX = 20
+CLASSIFY_DEFAULT_TOP_K = 5
+
 # -- error messages ---------------------------------------------------------------------------------
 QUOTE_CHARS = 32  # an error message quotes at most this much of an offending value
 
@@ -99,4 +112,9 @@ PROTO_BOUNDS: dict[str, str] = {
         "the first a letter or digit; values finite"
     ),
     "GetStatusRequest.max_jobs": f"0-{MAX_STATUS_JOBS}",
+    "ClassifyRequest.texts": (
+        f"1-{MAX_CLASSIFY_TEXTS} texts, each 1-{CLASSIFY_TEXT_MAX_CHARS} chars (Unicode code points)"
+    ),
+    "ClassifyRequest.top_k": f"0-{CLASSIFY_TOP_K_MAX}",
+    "ClassifyRequest.client_id": f"empty, or {_ID}",
 }

@@ -115,6 +115,19 @@ class Connection:
             "GetStatus", lambda: self.stub.GetStatus(request, timeout=self.timeout, metadata=self.metadata)
         )
 
+    def classify(
+        self,
+        texts: Sequence[str],
+        top_k: int = 0,
+        scope: pb.HeadScope.ValueType = pb.HEAD_SCOPE_PERSONAL,
+        client_id: str = "",
+    ) -> pb.ClassifyResponse:
+        """The server's top-k labels of each text (at most 256 per call) from a head on its FM."""
+        request = pb.ClassifyRequest(texts=list(texts), top_k=top_k, scope=scope, client_id=client_id)
+        return self._retry(
+            "Classify", lambda: self.stub.Classify(request, timeout=self.timeout, metadata=self.metadata)
+        )
+
     # -- transfers ----------------------------------------------------------------------------
     def download_fm(
         self, dest: Path, progress: Callable[[int, int], None] | None = None

@@ -29,6 +29,7 @@ from common.settings import host_port
 from common.stubs.fcl.v1 import fcl_pb2, fcl_pb2_grpc
 from common.tls import TLSConfigError, TLSFiles, is_loopback
 from fcl_server.blobs import BlobStore
+from fcl_server.classify import MAX_CALLS as MAX_CLASSIFY_CALLS
 from fcl_server.dashboard import DashboardServer, start_dashboard
 from fcl_server.database import database_url
 from fcl_server.fm_host import FMHost, read_public_corpus
@@ -106,6 +107,11 @@ class ServerConfig(BaseModel):
         description="MiB one client may make the server store (packages, partials, metrics); 0: no limit",
     )
     max_metric_rows: int = Field(100_000, ge=0, description="metric rows stored per client; 0: no limit")
+    max_classify_calls: int = Field(
+        MAX_CLASSIFY_CALLS,
+        ge=1,
+        description="Classify calls admitted at once: one encodes, the others wait for it (no thread held)",
+    )
 
     @field_validator("metrics_listen", "dashboard_listen")
     @classmethod
@@ -292,6 +298,7 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
         watch_poll_s=config.watch_fallback_s if state.pushes_job_events else WATCH_POLL_S,
         client_quota_mb=config.client_quota_mb,
         max_metric_rows=config.max_metric_rows,
+        max_classify_calls=config.max_classify_calls,
     )
     service = FclService(state, blobs, fm_host, limits)
     state.listen_jobs(service.notifier.notify)  # other processes' job changes wake watchers and the worker

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 from common.stubs.fcl.v1 import fcl_pb2 as pb
+from fcl_server.classify import Classification, ClassifyQuery
+from fcl_server.errors import InvalidArgument
 from fcl_server.fm_host import FMInfo
 from fcl_server.service import (
     SERVER_VERSION,
@@ -97,6 +99,29 @@ def job_event(job: Job, queue_position: int = 0) -> pb.JobEvent:
 
 def head_scope(scope: pb.HeadScope.ValueType) -> str:
     return GLOBAL if scope == pb.HEAD_SCOPE_GLOBAL else PERSONAL
+
+
+def classify_query(msg: pb.ClassifyRequest) -> ClassifyQuery:
+    """The request as the domain takes it; its bounds are the domain's to check (fcl_server/classify.py)."""
+    if msg.scope not in (pb.HEAD_SCOPE_UNSPECIFIED, pb.HEAD_SCOPE_PERSONAL, pb.HEAD_SCOPE_GLOBAL):
+        raise InvalidArgument(
+            f"scope {msg.scope} is not a HeadScope: use HEAD_SCOPE_GLOBAL (2) or HEAD_SCOPE_PERSONAL (1)"
+        )
+    return ClassifyQuery(list(msg.texts), msg.top_k, head_scope(msg.scope), msg.client_id)
+
+
+def classify_response(result: Classification) -> pb.ClassifyResponse:
+    head = result.version
+    return pb.ClassifyResponse(
+        scope=_SCOPES[head.scope],
+        client_id=head.client_id,
+        head_version=head.version,
+        num_labels=head.num_labels,
+        results=[
+            pb.TextLabels(labels=[pb.LabelScore(label=s.label, probability=s.probability) for s in row])
+            for row in result.results
+        ],
+    )
 
 
 def knowledge_header(head: HeadVersion, size: int) -> pb.KnowledgeHeader:

@@ -18,6 +18,8 @@ from common.package import PackageError, PackageLimits, validate_package_file
 from common.wire_limits import ID_RE as ID_RE  # re-exported (fcl_server.cli)
 from common.wire_limits import SHA_RE, quoted
 from fcl_server.blobs import BlobStore
+from fcl_server.classify import MAX_CALLS as MAX_CLASSIFY_CALLS
+from fcl_server.classify import Classifier
 from fcl_server.errors import (
     Aborted,
     DomainError,
@@ -92,6 +94,8 @@ class ServerLimits:
     # declared sizes) and its metric rows (METRIC_ROW_BYTES each), in MiB; 0 disables the quota
     client_quota_mb: int = 1024
     max_metric_rows: int = 100_000  # metric rows stored per client; 0 disables the limit
+    # Classify calls admitted at once, encoding or waiting for the one encoder thread (fcl_server/classify.py)
+    max_classify_calls: int = MAX_CLASSIFY_CALLS
 
 
 @dataclass(frozen=True)
@@ -237,11 +241,13 @@ class FclService:
         )
         self.upload_quota = ByteQuota(self.limits.upload_mb_per_hour, time.time, state)
         self._metrics_lock = threading.Lock()  # ReportMetrics: a client's quota check and insert at once
+        self.classifier = Classifier(state, blobs, fm_host, self.limits.max_classify_calls)
         self.started = time.time()
 
     def close(self) -> None:
         """Release the helper threads (after the gRPC server stopped: no upload is finishing)."""
         self._helpers.shutdown(wait=True)
+        self.classifier.close()
 
     # -- auth -----------------------------------------------------------------------------------
     def authenticate(self, token: str | None) -> Principal:

@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.stubs.fcl.v1 import fcl_pb2_grpc
 from fcl_server import convert
+from fcl_server.classify import Classification
 from fcl_server.errors import (
     Aborted,
     DomainError,
@@ -289,6 +290,20 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
             dict(request.metrics),
         )
         return pb.ReportMetricsResponse(stored=stored)
+
+    @maps_domain_errors
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        principal = await self._auth(context)
+        query = convert.classify_query(request)
+        classifier = self.service.classifier
+        with classifier.admitted():  # a full house is refused here, before any work
+            prepared = await self._run(classifier.prepare, principal, query)  # checks, head (cached)
+            # the encode waits for the one encoder thread on the loop: no RPC thread is held meanwhile
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(classifier.executor, classifier.predict, prepared)
+        return convert.classify_response(Classification(prepared.version, results))
 
     @maps_domain_errors
     async def GetStatus(

@@ -166,6 +166,12 @@ class ServeSettings(ProcessSettings):
         description="metric rows (task × metric name) stored per client; past it reports get "
         "RESOURCE_EXHAUSTED (0: no limit)",
     )
+    max_classify_calls: int = Field(
+        _SERVER["max_classify_calls"].default,
+        ge=1,
+        description="Classify calls admitted at once: one encodes with the FM, the others wait for it "
+        "without holding a thread; more get RESOURCE_EXHAUSTED",
+    )
 
     @field_validator("listen", "metrics_listen", "dashboard_listen")
     @classmethod

@@ -4,7 +4,8 @@ Parts: transfer (vs a plain grpcio echo), Flower (vs one Flower round), feature 
 matmul compute limit), OBOD job time (cost model), concurrency (many clients at once), client cost
 (SMCF per task on CLINC150), hostile (honest calls while idle streams are held open) and scale (queue
 drain by 1 and 2 workers on PostgreSQL, upload bursts against one SQLite process, the cost curve over
-labels and workers; --scale-steps picks some). Each part's
+labels and workers; --scale-steps picks some) and classify (the Classify RPC at batch 1, 32 and 256
+vs the bare FM encode + head). Each part's
 reference is measured in the same run, so ratios hold on a noisy machine. Writes one JSON document
 whose top-level keys are the headline numbers and `goals`.
 """
@@ -21,12 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.perf import concurrency, fe, flower, hostile, jobs, scale, transfer
+from benchmarks.perf import classify, concurrency, fe, flower, hostile, jobs, scale, transfer
 from benchmarks.perf.util import load_average, machine_info, torch_threads
 from common.fm import FoundationModel
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ("transfer", "flower", "fe", "jobs", "concurrency", "client", "hostile", "scale")
+PARTS = ("transfer", "flower", "fe", "jobs", "concurrency", "client", "hostile", "scale", "classify")
 
 
 def plan(quick: bool) -> dict[str, Any]:
@@ -44,6 +45,12 @@ def plan(quick: bool) -> dict[str, Any]:
                 "drain": {"uploads": 12, "labels": 150, "workers": [1, 2]},
                 "bursts": {"sizes": [{"clients": 200, "repeat": 1}], "package_bytes": 200_000},
                 "curve": {"uploads": 6, "labels": [30, 150], "workers": [1, 2]},
+            },
+            "classify": {
+                "batches": [1, 32, 256],
+                "calls": {"1": 20, "32": 5, "256": 2},
+                "blocks": 2,
+                "labels": 150,
             },
         }
     return {
@@ -66,6 +73,12 @@ def plan(quick: bool) -> dict[str, Any]:
                 "package_bytes": 200_000,
             },
             "curve": {"uploads": 20, "labels": [30, 150, 300, 600], "workers": [1, 2]},
+        },
+        "classify": {
+            "batches": [1, 32, 256],
+            "calls": {"1": 100, "32": 20, "256": 5},
+            "blocks": 5,
+            "labels": 150,
         },
     }
 
@@ -97,6 +110,8 @@ SCALE_KEYS = {
     "bursts": ("scale_burst_200_p99_ratio", "scale_burst_1000_errors", "scale_burst_1000_errors_sqlite"),
 }
 
+CLASSIFY_KEYS = tuple(f"texts_per_s_ratio_batch_{b}" for b in (1, 32, 256))
+
 
 def headline(parts: dict[str, Any]) -> dict[str, Any]:
     """The top-level numbers the issue asks for (None where a part was skipped)."""
@@ -116,6 +131,7 @@ def headline(parts: dict[str, Any]) -> dict[str, Any]:
         **{key: parts.get("hostile", {}).get(key) for key in HOSTILE_KEYS},
         **{key: scale.get("drain", {}).get(key) for key in SCALE_KEYS["drain"]},
         **{key: scale.get("bursts", {}).get(key) for key in SCALE_KEYS["bursts"]},
+        **{key: parts.get("classify", {}).get(key) for key in CLASSIFY_KEYS},
     }
 
 
@@ -259,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                 for result in new_steps.values():
                     result.update(source)
                 parts[part] = {**old_steps, **new_steps}
+            elif part == "classify":
+                parts[part] = classify.run(the_fm(), s["batches"], s["calls"], s["blocks"], s["labels"])
             elif part == "hostile":
                 parts[part] = hostile.run(s["calls"], give_up_after=s["give_up_after"])
             parts[part].update(source)

@@ -868,3 +868,127 @@ class ServerStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServerStatus: _TypeAlias = ServerStatus  # noqa: Y015
+
+@_typing.final
+class ClassifyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXTS_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    top_k: _builtins.int
+    """bound: 0-20
+    labels per text, most probable first; 0 = 5; fewer where the head has fewer
+    """
+    scope: Global___HeadScope.ValueType
+    """GLOBAL (admin only) or PERSONAL (UNSPECIFIED: PERSONAL)"""
+    client_id: _builtins.str
+    """bound: empty, or 1-128 chars of [A-Za-z0-9_.-], the first a letter or digit
+    PERSONAL: whose head; empty = the caller's own (another client's: admin only)
+    """
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """NFC-normalised and stripped of surrounding whitespace by the server (as fcl-data reads training
+        texts); a text that is empty after that is refused.
+        bound: 1-256 texts, each 1-2048 chars (Unicode code points)
+        """
+
+    def __init__(
+        self,
+        *,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
+        top_k: _builtins.int = ...,
+        scope: Global___HeadScope.ValueType = ...,
+        client_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "scope", b"scope", "texts", b"texts", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassifyRequest: _TypeAlias = ClassifyRequest  # noqa: Y015
+
+@_typing.final
+class LabelScore(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    probability: _builtins.float
+    """softmax over all of the head's labels: a text's scores sum to at most 1"""
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        probability: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "probability", b"probability"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelScore: _TypeAlias = LabelScore  # noqa: Y015
+
+@_typing.final
+class TextLabels(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelScore]:
+        """top_k of them, most probable first"""
+
+    def __init__(
+        self,
+        *,
+        labels: _abc.Iterable[Global___LabelScore] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TextLabels: _TypeAlias = TextLabels  # noqa: Y015
+
+@_typing.final
+class ClassifyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    HEAD_VERSION_FIELD_NUMBER: _builtins.int
+    NUM_LABELS_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    scope: Global___HeadScope.ValueType
+    """the head that answered ..."""
+    client_id: _builtins.str
+    """... whose (empty for the global head) ..."""
+    head_version: _builtins.int
+    """... and its version: the latest published when the call began"""
+    num_labels: _builtins.int
+    """labels the head knows"""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TextLabels]:
+        """one per request text, in request order"""
+
+    def __init__(
+        self,
+        *,
+        scope: Global___HeadScope.ValueType = ...,
+        client_id: _builtins.str = ...,
+        head_version: _builtins.int = ...,
+        num_labels: _builtins.int = ...,
+        results: _abc.Iterable[Global___TextLabels] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "head_version", b"head_version", "num_labels", b"num_labels", "results", b"results", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassifyResponse: _TypeAlias = ClassifyResponse  # noqa: Y015

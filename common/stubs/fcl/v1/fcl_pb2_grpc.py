@@ -74,6 +74,11 @@ class FclServiceStub:
                 request_serializer=fcl_dot_v1_dot_fcl__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=fcl_dot_v1_dot_fcl__pb2.ServerStatus.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/fcl.v1.FclService/Classify',
+                request_serializer=fcl_dot_v1_dot_fcl__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=fcl_dot_v1_dot_fcl__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
 
 
 class FclServiceServicer:
@@ -138,6 +143,15 @@ class FclServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Classify(self, request, context):
+        """Classify texts on the server: the server's FM encodes them and a knowledge head scores them. The
+        global head needs an admin token; a client token may use only its own personalised head. The
+        answer names the head version that gave it (docs/classify.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FclServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +194,11 @@ def add_FclServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=fcl_dot_v1_dot_fcl__pb2.GetStatusRequest.FromString,
                     response_serializer=fcl_dot_v1_dot_fcl__pb2.ServerStatus.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=fcl_dot_v1_dot_fcl__pb2.ClassifyRequest.FromString,
+                    response_serializer=fcl_dot_v1_dot_fcl__pb2.ClassifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +417,33 @@ class FclService:
             '/fcl.v1.FclService/GetStatus',
             fcl_dot_v1_dot_fcl__pb2.GetStatusRequest.SerializeToString,
             fcl_dot_v1_dot_fcl__pb2.ServerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fcl.v1.FclService/Classify',
+            fcl_dot_v1_dot_fcl__pb2.ClassifyRequest.SerializeToString,
+            fcl_dot_v1_dot_fcl__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,11 @@ class FclServiceStub:
     """Store a client's evaluation results (accuracy after a task, ...)."""
     GetStatus: _grpc.UnaryUnaryMultiCallable[_fcl_pb2.GetStatusRequest, _fcl_pb2.ServerStatus]
     """Admin view of the server: FM, clients, queue, jobs, head versions."""
+    Classify: _grpc.UnaryUnaryMultiCallable[_fcl_pb2.ClassifyRequest, _fcl_pb2.ClassifyResponse]
+    """Classify texts on the server: the server's FM encodes them and a knowledge head scores them. The
+    global head needs an admin token; a client token may use only its own personalised head. The
+    answer names the head version that gave it (docs/classify.md).
+    """
 
 @_typing.type_check_only
 class FclServiceAsyncStub(FclServiceStub):
@@ -88,6 +93,11 @@ class FclServiceAsyncStub(FclServiceStub):
     """Store a client's evaluation results (accuracy after a task, ...)."""
     GetStatus: _aio.UnaryUnaryMultiCallable[_fcl_pb2.GetStatusRequest, _fcl_pb2.ServerStatus]  # type: ignore[assignment]
     """Admin view of the server: FM, clients, queue, jobs, head versions."""
+    Classify: _aio.UnaryUnaryMultiCallable[_fcl_pb2.ClassifyRequest, _fcl_pb2.ClassifyResponse]  # type: ignore[assignment]
+    """Classify texts on the server: the server's FM encodes them and a knowledge head scores them. The
+    global head needs an admin token; a client token may use only its own personalised head. The
+    answer names the head version that gave it (docs/classify.md).
+    """
 
 class FclServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -157,5 +167,16 @@ class FclServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_fcl_pb2.ServerStatus, _abc.Awaitable[_fcl_pb2.ServerStatus]]:
         """Admin view of the server: FM, clients, queue, jobs, head versions."""
+
+    @_abc_1.abstractmethod
+    def Classify(
+        self,
+        request: _fcl_pb2.ClassifyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fcl_pb2.ClassifyResponse, _abc.Awaitable[_fcl_pb2.ClassifyResponse]]:
+        """Classify texts on the server: the server's FM encodes them and a knowledge head scores them. The
+        global head needs an admin token; a client token may use only its own personalised head. The
+        answer names the head version that gave it (docs/classify.md).
+        """
 
 def add_FclServiceServicer_to_server(servicer: FclServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
