@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,3 +76,11 @@ def held_parts(state: Path, client: str) -> dict[str, int]:
 def accepted(log: Path) -> dict[str, tuple[int, int]]:
     """upload id → (size, bytes resumed from an earlier stream), from a server log."""
     return {m[1]: (int(m[3]), int(m[4])) for m in ACCEPTED.finditer(log.read_text())}
+
+
+def predict_offline(work_dir: Path, *texts: str) -> list[dict[str, Any]]:
+    """`fcl-client predict --json` in its own process: a trained client's answers from its work dir."""
+    cmd = [sys.executable, "-m", "fcl_client.cli", "predict", "--work-dir", str(work_dir), "--json", *texts]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    answers: list[dict[str, Any]] = json.loads(out.stdout)
+    return answers

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
-import subprocess
-import sys
 from contextlib import closing
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from common.zeroshot import zeroshot_accuracy
 from fcl_client.checkpoint import CheckpointStore
 from fcl_client.connection import Connection
 from fcl_server.blobs import BlobStore
+from tests.servers import predict_offline
 
 CLIENTS = {"client-0": "mlp:128", "client-1": "linear"}
 
@@ -79,22 +77,7 @@ def test_two_clients_learn_through_the_server(tmp_path: Path, small_split: Path,
 
     # the trained client answers offline: top labels with probabilities, from the checkpoint
     text = load_task_stream(small_split / "clients" / "client-0")[0].test[0]
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fcl_client.cli",
-            "predict",
-            "--work-dir",
-            str(tmp_path / "client-0"),
-            "--json",
-            text.text,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    ranked = json.loads(out.stdout)[0]["labels"]
+    ranked = predict_offline(tmp_path / "client-0", text.text)[0]["labels"]
     assert (
         len(ranked) == 5 and ranked[0]["p"] >= ranked[-1]["p"] and 0 < sum(r["p"] for r in ranked) <= 1.0001
     )

@@ -18,6 +18,7 @@ from common.fm import FoundationModel
 from common.package import decode_package
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from fcl_client.connection import Connection
+from tests.servers import predict_offline
 from tests.tiny_fm import ENGLISH, MULTILINGUAL, build_tiny_encoder
 
 CLIENTS = ("client-0", "client-1")
@@ -196,23 +197,7 @@ def test_multilingual_run_on_the_xlmr_encoder(tmp_path: Path) -> None:
     status, global_blob, _, _ = federate(tmp_path, fm_dir, MULTILINGUAL_DATA, MULTILINGUAL)
     check_run(status, global_blob, tmp_path, list(MULTILINGUAL_DATA))
     # the trained client answers offline with the labels as written
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fcl_client.cli",
-            "predict",
-            "--work-dir",
-            str(tmp_path / "client-0"),
-            "--json",
-            "明天的天气怎么样",
-            "هل ستمطر اليوم",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    answers = json.loads(out.stdout)
+    answers = predict_offline(tmp_path / "client-0", "明天的天气怎么样", "هل ستمطر اليوم")
     assert [a["text"] for a in answers] == ["明天的天气怎么样", "هل ستمطر اليوم"]
     assert {r["label"] for a in answers for r in a["labels"]} <= set(MULTILINGUAL_DATA)
 
