@@ -16,6 +16,7 @@ from common.datasets.problems import ProblemLog
 from common.datasets.records import Example
 from common.datasets.streams import Task
 from common.fm import DEFAULT_FM, FoundationModel, default_device
+from common.fm_encoding import FMDtype, PoolingMode
 from fcl_client.connection import Connection
 from fcl_client.learner import Learner
 from fcl_client.progress import Bars
@@ -111,6 +112,10 @@ class FclClient:
         *,
         device: str | None = None,
         fm: str | FoundationModel = DEFAULT_FM,
+        fm_pooling: PoolingMode | None = None,
+        fm_max_length: int | None = None,
+        fm_prompt: str | None = None,
+        fm_dtype: FMDtype = "float32",
         smcf: SMCFConfig | None = None,
         epochs: int | None = None,
         share_stats: bool | None = None,
@@ -129,11 +134,15 @@ class FclClient:
         server: HOST:PORT of fcl-server. token: the bearer token from `fcl-server enroll CLIENT_ID`.
         model: small-model spec (`linear`, `mlp:W[,W...][:act][:ln]` or JSON). fm: name or directory
         of the local FM, or an already loaded `FoundationModel`; used when it is the server's, else
-        the server's FM is downloaded into work_dir. smcf: training options; epochs, share_stats,
-        stats_noise and stats_rank override it like the CLI flags of the same names. tls_ca enables
-        TLS (the CA of the server certificate); tls_cert/tls_key add a client certificate (mutual
-        TLS). on_message receives the progress lines `fcl-client run` prints (default: logged at
-        INFO). progress: progress bars on stderr when it is a terminal.
+        the server's FM is downloaded into work_dir. fm_pooling, fm_max_length, fm_prompt: the FM
+        encoding, like `--fm-pooling/--fm-max-length/--fm-prompt` (None: as the server encodes; a value
+        that differs from the server's is refused before anything is downloaded or sent); for an
+        already loaded `FoundationModel`, they are its own overrides instead. fm_dtype: precision of
+        feature extraction on this node ("float32", "bf16", "fp16"). smcf: training options; epochs,
+        share_stats, stats_noise and stats_rank override it like the CLI flags of the same names.
+        tls_ca enables TLS (the CA of the server certificate); tls_cert/tls_key add a client
+        certificate (mutual TLS). on_message receives the progress lines `fcl-client run` prints
+        (default: logged at INFO). progress: progress bars on stderr when it is a terminal.
         """
         overrides = {
             "epochs": epochs,
@@ -141,6 +150,12 @@ class FclClient:
             "stats_noise": stats_noise,
             "stats_rank": stats_rank,
         }
+        encoding = {"fm_pooling": fm_pooling, "fm_max_length": fm_max_length, "fm_prompt": fm_prompt}
+        if isinstance(fm, FoundationModel) and any(v is not None for v in encoding.values()):
+            raise ValueError(
+                "fm_pooling/fm_max_length/fm_prompt apply to an FM the client loads: give them on the "
+                "FoundationModel itself (its `overrides`), or pass its name or directory as fm"
+            )
         base = (smcf or SMCFConfig()).model_dump()
         tls = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
         self.config = ClientConfig(
@@ -151,6 +166,8 @@ class FclClient:
             work_dir=Path(work_dir),
             device=device or default_device(),
             fm=str(fm.path) if isinstance(fm, FoundationModel) else fm,
+            fm_dtype=fm.dtype if isinstance(fm, FoundationModel) else fm_dtype,
+            **{k: v for k, v in encoding.items() if v is not None},
             smcf=SMCFConfig.model_validate(base | {k: v for k, v in overrides.items() if v is not None}),
             seed=seed,
             timeout=timeout,

@@ -32,7 +32,7 @@ from fcl_server.blobs import BlobStore
 from fcl_server.classify import MAX_CALLS as MAX_CLASSIFY_CALLS
 from fcl_server.dashboard import DashboardServer, start_dashboard
 from fcl_server.database import database_url
-from fcl_server.fm_host import FMHost, read_public_corpus
+from fcl_server.fm_host import FMHost, bind_fm, read_public_corpus
 from fcl_server.interceptor import AdmissionInterceptor, ObservingInterceptor
 from fcl_server.metrics import ServerMetrics
 from fcl_server.service import WATCH_POLL_S, FclService, ServerLimits
@@ -288,6 +288,11 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
     if dropped or requeued:
         log.info("recovery: dropped %d partial blobs, re-queued %d interrupted jobs", dropped, requeued)
     fm = fm or config.load_fm()
+    try:
+        bind_fm(state, fm)
+    except BaseException:
+        state.close()
+        raise
     corpus = read_public_corpus(config.public_corpus or default_public_corpus())
     fm_host = FMHost(fm, state, blobs, corpus, state_dir / "cache")
     limits = ServerLimits(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -15,6 +16,38 @@ from fcl_server.blobs import BlobStore
 from fcl_server.state import State
 
 log = logging.getLogger(__name__)
+FM_KEY = "fm"  # the FM every process of this database encodes with: {"digest", "name", "encoding"}
+
+
+class FMMismatchError(ValueError):
+    """This process would compute other features than the database's other front-ends and workers."""
+
+
+def bind_fm(state: State, fm: FoundationModel) -> None:
+    """Check that `fm` is the FM this database's heads are built on; the first process records it.
+
+    A worker started with other FM options than its front-ends would distil packages whose features it
+    does not compute, and a front-end would accept packages that the heads cannot read: both are
+    refused at start, naming each difference, instead of corrupting G.
+    """
+    mine = {"digest": fm.digest, "name": fm.name, "encoding": fm.encoding.as_dict()}
+    bound = json.loads(state.set_kv_once(FM_KEY, json.dumps(mine, sort_keys=True)))
+    if bound["digest"] == fm.digest:
+        return
+    theirs = bound.get("encoding") or {}
+    differences = [
+        f"{key} {value!r} (the database's: {theirs.get(key)!r})"
+        for key, value in mine["encoding"].items()
+        if theirs.get(key) != value
+    ]
+    if bound.get("name") != fm.name:
+        differences.insert(0, f"FM {fm.name!r} (the database's: {bound.get('name')!r})")
+    raise FMMismatchError(
+        f"this process encodes with FM digest {fm.digest[:12]}, but this database's heads are built on "
+        f"{str(bound['digest'])[:12]}: {'; '.join(differences) or 'the model files differ'}. Start every "
+        "front-end and worker of a database with the same --fm and --fm-pooling/--fm-max-length/"
+        "--fm-prompt (`fcl-server fm info` prints them); a new FM needs a new state database"
+    )
 
 
 @dataclass(frozen=True)

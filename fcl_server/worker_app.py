@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from common.fm import FoundationModel
 from fcl_server.app import ServerConfig, default_public_corpus, open_state
 from fcl_server.blobs import BlobStore
-from fcl_server.fm_host import FMHost, read_public_corpus
+from fcl_server.fm_host import FMHost, bind_fm, read_public_corpus
 from fcl_server.service import JobNotifier
 from fcl_server.state import State
 from fcl_server.worker import DistillationWorker, default_worker_id
@@ -53,6 +53,11 @@ def create_worker(
         raise
     blobs.clear_temp()
     fm = fm or config.load_fm()
+    try:
+        bind_fm(state, fm)
+    except BaseException:
+        state.close()
+        raise
     corpus = read_public_corpus(config.public_corpus or default_public_corpus())
     fm_host = FMHost(fm, state, blobs, corpus, config.state_dir / "cache")
     notifier = JobNotifier()

@@ -17,7 +17,7 @@ from common.config import SMCFConfig
 from common.datasets.problems import DataErrors, ProblemLog
 from common.datasets.records import Example
 from common.datasets.streams import Task, load_task_stream
-from common.fm import FoundationModel
+from common.fm import DEFAULT_FM, FoundationModel, FoundationModelError
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from fcl_client import FclClient, Registration, TaskResult
 from fcl_client import cli as client_cli
@@ -214,6 +214,28 @@ def test_bad_input_is_refused_before_anything_is_sent(tmp_path: Path, fm: Founda
     ):
         assert part in message, (part, message)
     assert not (tmp_path / "sdk-tasks.json").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_fm_encoding_options_are_checked_against_the_server_like_the_cli_flags(
+    tmp_path: Path, fm: FoundationModel, small_split: Path
+) -> None:
+    """fm_pooling/fm_max_length as the server encodes: accepted; otherwise refused before any upload."""
+    server = start(tmp_path, fm, small_split)
+    target = f"127.0.0.1:{server.port}"
+    try:
+        same = FclClient(target, "client-0", "tok-0", tmp_path / "same", fm=DEFAULT_FM, fm_max_length=256)
+        with same as client:
+            assert client.register().fm_digest == fm.digest  # the server's encoding: nothing downloaded
+        assert not (tmp_path / "same" / "fm").exists()
+        other = FclClient(target, "client-0", "tok-0", tmp_path / "other", fm=DEFAULT_FM, fm_pooling="cls")
+        refused = r"--fm-pooling 'cls' \(the server: 'mean'\)"
+        with other as client, pytest.raises(FoundationModelError, match=refused):
+            client.register()
+        assert server.state.jobs() == []
+    finally:
+        server.stop(grace=1)
+    with pytest.raises(ValueError, match="give them on the FoundationModel itself"):
+        FclClient(target, "client-0", "tok-0", tmp_path / "x", fm=fm, fm_prompt="query: ")
 
 
 def test_the_sdk_normalises_texts_and_labels_as_fcl_data_does() -> None:

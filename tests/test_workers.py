@@ -23,12 +23,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.config import OBODConfig
 from common.fm import FoundationModel
+from common.fm_encoding import EncodingOverrides
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from fcl_client.connection import Connection
+from fcl_server.app import ServerConfig
 from fcl_server.blobs import BlobDirError, BlobStore
+from fcl_server.fm_host import FMMismatchError
 from fcl_server.service import JobNotifier
 from fcl_server.state import GLOBAL, Job, JobState, State
 from fcl_server.worker import DistillationWorker
+from fcl_server.worker_app import create_worker
 from tests.scale import Cluster, scale_cluster, wait_for
 from tests.servers import enroll, inprocess_server, package_bytes
 
@@ -227,6 +231,35 @@ def test_a_front_end_whose_blob_dir_is_not_the_shared_one_is_refused_at_start(
         again.stop(grace=1)  # the shared one is accepted
     finally:
         first.stop(grace=1)
+
+
+def test_a_worker_or_front_end_with_other_fm_options_is_refused_at_start_naming_each_difference(
+    tmp_path: Path, postgres_url: str, fm: FoundationModel
+) -> None:
+    """Its features would not be the heads' features: refused before it claims or accepts anything."""
+    State(postgres_url, upgrade=True).close()
+    shared = {"database": postgres_url, "blob_dir": tmp_path / "shared"}
+    (tmp_path / "fe").mkdir()
+    frontend = inprocess_server(tmp_path / "fe", fm, worker=False, **shared)
+    other = fm.reconfigured(EncodingOverrides.of(pooling="cls", max_length=64))
+    try:
+        corpus = tmp_path / "fe" / "public.txt"  # inprocess_server's tiny corpus
+        config = ServerConfig(state_dir=tmp_path / "w", public_corpus=corpus, device="cpu", **shared)
+        with pytest.raises(FMMismatchError) as refused:
+            create_worker(config, "worker-cls", fm=other)
+        message = str(refused.value)
+        assert "pooling 'cls' (the database's: 'mean')" in message, message
+        assert "max_length 64 (the database's: 256)" in message, message
+        assert "same --fm and --fm-pooling" in message, message
+        (tmp_path / "fe2").mkdir()
+        with pytest.raises(FMMismatchError, match="pooling 'cls'"):
+            inprocess_server(tmp_path / "fe2", other, worker=False, **shared)
+        with frontend.state.tx() as db:  # nothing was claimed: no worker row and every job still queued
+            assert db.execute(sa.text("SELECT count(*) FROM workers")).scalar() == 0
+        worker = create_worker(config, "worker-same", fm=fm)  # the database's own FM is accepted
+        worker.stop()
+    finally:
+        frontend.stop(grace=1)
 
 
 def test_a_heartbeat_that_renews_a_job_just_ended_drops_no_other_run(tmp_path: Path) -> None:
