@@ -30,14 +30,15 @@ def bind_fm(state: State, fm: FoundationModel) -> None:
     does not compute, and a front-end would accept packages that the heads cannot read: both are
     refused at start, naming each difference, instead of corrupting G.
     """
-    mine = {"digest": fm.digest, "name": fm.name, "encoding": fm.encoding.as_dict()}
+    encoding = fm.encoding.as_dict()
+    mine = {"digest": fm.digest, "name": fm.name, "encoding": encoding}
     bound = json.loads(state.set_kv_once(FM_KEY, json.dumps(mine, sort_keys=True)))
     if bound["digest"] == fm.digest:
         return
     theirs = bound.get("encoding") or {}
     differences = [
         f"{key} {value!r} (the database's: {theirs.get(key)!r})"
-        for key, value in mine["encoding"].items()
+        for key, value in encoding.items()
         if theirs.get(key) != value
     ]
     if bound.get("name") != fm.name:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -14,7 +15,8 @@ from psycopg import sql
 from fcl_server.database import driver_reason
 
 log = logging.getLogger(__name__)
-CHANNEL = "fcl_jobs"  # the payload is the job id, or "" when several jobs changed at once
+# the payload is the job id ("+ID": a job joined the queue's end), or "" when several jobs changed
+CHANNEL = "fcl_jobs"
 MAX_BACKOFF_S = 10.0
 # how long one wait for notifications lasts: the listener sees close() at least this often
 WAIT_S = 1.0
@@ -30,24 +32,59 @@ KEEPALIVES = {
 }
 
 
-def notify_job(db: sa.Connection, job_id: int = 0) -> None:
-    """Tell every listening process that job `job_id` (0: several jobs) changed, once `db` commits.
+@dataclass(frozen=True)
+class JobChange:
+    """What changed: watchers read their job again only for a change that can concern it."""
+
+    job_id: int = 0  # 0: several jobs, or G itself: every watcher looks again
+    # a new job joined the end of the queue: no other job's place in it moved
+    queued: bool = False
+
+    @property
+    def moves_places(self) -> bool:
+        """Whether queued jobs' places may have moved (a job ahead started, ended or was released)."""
+        return not self.job_id or not self.queued
+
+    def concerns(self, job_id: int, waiting: bool) -> bool:
+        """Whether a watcher of `job_id` (`waiting`: jobs are ahead of it) must read it again."""
+        return not self.job_id or self.job_id == job_id or (waiting and self.moves_places)
+
+    def payload(self) -> str:
+        return f"+{self.job_id}" if self.queued else (str(self.job_id) if self.job_id else "")
+
+    @classmethod
+    def from_payload(cls, payload: str) -> JobChange:
+        """The change a NOTIFY payload names; one this version cannot read concerns every watcher."""
+        queued = payload.startswith("+")
+        digits = payload[1:] if queued else payload
+        return cls(int(digits), queued) if digits.isdigit() else cls()
+
+
+EVERY_JOB = JobChange()
+
+
+def notify_job(db: sa.Connection, job_id: int = 0, queued: bool = False) -> None:
+    """Tell every listening process that job `job_id` (0: several jobs) changed, once `db` commits;
+    `queued`: it is a new job at the end of the queue.
 
     PostgreSQL delivers it only if the transaction commits, so a listener never hears of a change it
     cannot read yet, nor of one rolled back. On SQLite this does nothing: its processes poll."""
     if db.dialect.name == "postgresql":
-        db.execute(sa.select(sa.func.pg_notify(CHANNEL, str(job_id) if job_id else "")))
+        db.execute(sa.select(sa.func.pg_notify(CHANNEL, JobChange(job_id, queued).payload())))
 
 
 class JobListener:
-    """A thread holding one connection that LISTENs on CHANNEL and calls `on_change()` for each event.
+    """A thread holding one connection that LISTENs on CHANNEL and calls `on_change(change)` for each
+    event.
 
     If the connection breaks, the thread reconnects with a pause that grows to MAX_BACKOFF_S, and calls
-    `on_change()` once connected again: notifications sent meanwhile are lost, so every watcher must
-    read its job again.
+    `on_change(EVERY_JOB)` once connected again: notifications sent meanwhile are lost, so every
+    watcher must read its job again.
     """
 
-    def __init__(self, connect: Callable[[], psycopg.Connection[Any]], on_change: Callable[[], None]):
+    def __init__(
+        self, connect: Callable[[], psycopg.Connection[Any]], on_change: Callable[[JobChange], None]
+    ):
         self._connect = connect
         self._on_change = on_change
         self._stop = threading.Event()
@@ -81,13 +118,13 @@ class JobListener:
             self.connects += 1
             if self.connects > 1:
                 log.info("job listener: reconnected; waking every watcher to read its job again")
-            self._on_change()  # whatever changed while no connection listened
+            self._on_change(EVERY_JOB)  # whatever changed while no connection listened
             while not self._stop.is_set():
-                for _ in conn.notifies(timeout=WAIT_S):
-                    self._on_change()
+                for note in conn.notifies(timeout=WAIT_S):
+                    self._on_change(JobChange.from_payload(note.payload))
 
 
-def listener_for(engine: sa.Engine, on_change: Callable[[], None]) -> JobListener | None:
+def listener_for(engine: sa.Engine, on_change: Callable[[JobChange], None]) -> JobListener | None:
     """A started JobListener on `engine`'s PostgreSQL database (its own connection, not the pool's);
     None on SQLite."""
     if engine.dialect.name != "postgresql":

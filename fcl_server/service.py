@@ -31,6 +31,7 @@ from fcl_server.errors import (
     Unauthenticated,
 )
 from fcl_server.fm_host import FMHost, FMInfo
+from fcl_server.job_events import EVERY_JOB, JobChange
 from fcl_server.partials import PartialMeta, PartialUploads, PartialWriter
 from fcl_server.ratelimit import ByteQuota, RateLimiter
 from fcl_server.state import GLOBAL, PERSONAL, HeadVersion, Job, Principal, State
@@ -167,23 +168,23 @@ class StatusView:
 
 
 class JobNotifier:
-    """Wakes job watchers when any job changes state."""
+    """Wakes the worker at any job change, and passes each change on to the watchers' bridge."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._tick = 0
-        self._subscribers: list[Callable[[], None]] = []
+        self._subscribers: list[Callable[[JobChange], None]] = []
 
-    def subscribe(self, callback: Callable[[], None]) -> None:
+    def subscribe(self, callback: Callable[[JobChange], None]) -> None:
         """Also call `callback` (from the notifying thread) at every change: the event loop's bridge."""
         self._subscribers.append(callback)
 
-    def notify(self) -> None:
+    def notify(self, change: JobChange = EVERY_JOB) -> None:
         with self._cond:
             self._tick += 1
             self._cond.notify_all()
         for callback in self._subscribers:
-            callback()
+            callback(change)
 
     def wait(self, last_tick: int, timeout: float) -> int:
         with self._cond:
@@ -458,7 +459,7 @@ class FclService:
         job_id, duplicate = self.state.add_upload_and_job(  # also touches the client
             client, header.upload_id, header.task_key, header.task_index, size, sha256
         )
-        self.notifier.notify()
+        self.notifier.notify(JobChange(job_id, queued=not duplicate))
         if duplicate:  # a stream of the same bytes got there first: name what its job uses
             kept = self.state.find_upload(client, header.upload_id)
             if kept is not None:

@@ -7,12 +7,13 @@ holds a thread only while it works, never while it waits for its client.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -36,6 +37,7 @@ from fcl_server.errors import (
     Unavailable,
 )
 from fcl_server.interceptor import note_bytes, note_client
+from fcl_server.job_events import JobChange
 from fcl_server.partials import PartialWriter
 from fcl_server.service import FclService, JobNotifier
 from fcl_server.state import Principal
@@ -104,28 +106,61 @@ def bearer_token(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class JobTicks:
-    """JobNotifier's ticks for coroutines: a watcher awaits the next job change without a thread."""
+    """JobNotifier's changes for coroutines: a watcher awaits the next change that concerns its job,
+    without a thread, and reads the database again only then.
+
+    Every change wakes the waiting coroutines, but one that does not concern a watcher's job (another
+    job's change; a job joining the queue behind a queued one) costs it only a comparison: in an upload
+    burst each new job would otherwise send every watcher to the database.
+    """
 
     def __init__(self, notifier: JobNotifier) -> None:
-        self.tick = 0
         self._changed = asyncio.Event()
+        self._seen: dict[int, int] = {}  # per watched job: changes that concern it when not queued
+        self._moves = 0  # changes that move queued jobs' places (or concern every job)
+        self._watchers: collections.Counter[int] = collections.Counter()
         self._loop = asyncio.get_running_loop()
         notifier.subscribe(self._from_any_thread)
 
-    def _from_any_thread(self) -> None:
+    def _from_any_thread(self, change: JobChange) -> None:
         with contextlib.suppress(RuntimeError):  # a closed loop: the server stopped, nobody watches
-            self._loop.call_soon_threadsafe(self._bump)
+            self._loop.call_soon_threadsafe(self._bump, change)
 
-    def _bump(self) -> None:
-        self.tick += 1
+    def _bump(self, change: JobChange) -> None:
+        if change.moves_places:
+            self._moves += 1
+        for job_id in self._seen:
+            if change.concerns(job_id, waiting=False):
+                self._seen[job_id] += 1
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait(self, last_tick: int, timeout: float) -> int:
-        if self.tick == last_tick:
+    @contextlib.contextmanager
+    def watching(self, job_id: int) -> Iterator[None]:
+        """Count the changes of `job_id` while a watcher holds it."""
+        self._watchers[job_id] += 1
+        self._seen.setdefault(job_id, 0)
+        try:
+            yield
+        finally:
+            self._watchers[job_id] -= 1
+            if not self._watchers[job_id]:
+                del self._watchers[job_id], self._seen[job_id]
+
+    def mark(self, job_id: int) -> tuple[int, int]:
+        """Where the changes stand now, for `wait` (take it before reading the job)."""
+        return self._seen.get(job_id, 0), self._moves
+
+    async def wait(self, job_id: int, waiting: bool, mark: tuple[int, int], timeout: float) -> None:
+        """Return once a change since `mark` concerns `job_id` (`waiting`: jobs are ahead of it), or
+        after `timeout`."""
+        deadline = self._loop.time() + timeout
+        while self._seen.get(job_id, 0) == mark[0] and not (waiting and self._moves != mark[1]):
+            left = deadline - self._loop.time()
+            if left <= 0:
+                return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
-        return self.tick
+                await asyncio.wait_for(self._changed.wait(), left)
 
 
 class FclServicer(fcl_pb2_grpc.FclServiceServicer):
@@ -243,11 +278,16 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
         self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.JobEvent]:
         principal = await self._auth(context)
-        tick, last = self.ticks.tick, None
-        with self.client_streams.hold(principal.name), self.service.watch_slot() as open_for:
+        last = None
+        with (
+            self.client_streams.hold(principal.name),
+            self.service.watch_slot() as open_for,
+            self.ticks.watching(request.job_id),
+        ):
             # a watch ends (OK; the client watches again) well before the idle timer would cut it
             ends = time.monotonic() + min(open_for, self.idle_s / 2)
             while True:
+                mark = self.ticks.mark(request.job_id)
                 job, position = await self._run(self._job_and_position, principal, request.job_id)
                 if (job.state, position) != last:
                     last = (job.state, position)
@@ -255,7 +295,10 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
                 left = ends - time.monotonic()
                 if job.state.final or left <= 0:
                     return  # not final: the client watches again (see ServerLimits.max_watchers)
-                tick = await self.ticks.wait(tick, timeout=min(self.service.limits.watch_poll_s, left))
+                waiting = position > 0  # jobs ahead: their changes move its place
+                await self.ticks.wait(
+                    request.job_id, waiting, mark, timeout=min(self.service.limits.watch_poll_s, left)
+                )
 
     def _job_and_position(self, principal: Principal, job_id: int) -> tuple[Any, int]:
         job = self.service.job(principal, job_id)

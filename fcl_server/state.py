@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from fcl_server import database
 from fcl_server.errors import Unavailable
-from fcl_server.job_events import JobListener, listener_for, notify_job
+from fcl_server.job_events import JobChange, JobListener, listener_for, notify_job
 from fcl_server.schema import (
     clients,
     collected_blobs,
@@ -208,8 +208,8 @@ class State:
         """Whether other processes' job changes can be heard (listen_jobs) rather than polled for."""
         return self.dialect == "postgresql"
 
-    def listen_jobs(self, on_change: Callable[[], None]) -> bool:
-        """Call `on_change()` whenever any process changes a job (PostgreSQL LISTEN/NOTIFY), and once
+    def listen_jobs(self, on_change: Callable[[JobChange], None]) -> bool:
+        """Call `on_change(change)` whenever any process changes a job (PostgreSQL LISTEN/NOTIFY), and once
         after each reconnect of the listening connection; until close(). False on SQLite: poll."""
         if self._listener is None:
             self._listener = listener_for(self.engine, on_change)
@@ -383,7 +383,7 @@ class State:
                     job_id=job_id,
                 )
             )
-            notify_job(db, job_id)  # a worker may claim it; watchers of queued jobs see the queue grow
+            notify_job(db, job_id, queued=True)  # a worker may claim it; no other job's place moved
             return job_id, False
 
     def client_storage(self, client_id: str) -> tuple[int, int]:

@@ -28,6 +28,7 @@ from common.package import KnowledgePackage, decode_package, decode_stats, encod
 from fcl_server.blobs import BlobStore
 from fcl_server.errors import Unavailable
 from fcl_server.fm_host import FMHost
+from fcl_server.job_events import JobChange
 from fcl_server.service import InFlight, JobNotifier
 from fcl_server.state import DEFAULT_LEASE_S, GLOBAL, Job, JobState, LeaseLost, State
 
@@ -171,7 +172,7 @@ class DistillationWorker:
             finally:
                 with self._running:
                     self.busy, self.job_id = False, 0
-                self.notifier.notify()
+                self.notifier.notify(JobChange(job.job_id))
         self._release_at_exit()
 
     def _release_abandoned(self) -> None:
