@@ -179,6 +179,7 @@ def serve(args: argparse.Namespace) -> int:
         app,
         log_level=args.log_level,
         access_log=False,
+        log_config=None,  # uvicorn's records go through the root logger set up above
         # open connections of any kind (uvicorn answers 503 past it); predicts have their own bound
         limit_concurrency=args.max_in_flight + 64,
         timeout_graceful_shutdown=30,

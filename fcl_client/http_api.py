@@ -16,7 +16,9 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -199,6 +201,12 @@ def create_app(
         version="1",
         lifespan=lifespan,
     )
+
+    @app.exception_handler(RequestValidationError)
+    async def refused(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes each offending input whole: up to a 6 MB body sent straight back
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.post(
         PREDICT_PATH,

@@ -363,6 +363,7 @@ def test_bounds_are_refused_with_422_naming_the_field(
     assert answer.status_code == 422, answer.text
     errors = answer.json()["detail"]
     assert any(field in e["loc"] and words in e["msg"] for e in errors), errors
+    assert len(answer.content) < 1000  # the offending input is not sent back
 
 
 def test_texts_at_their_bounds_are_answered(no_personal_predictor: EdgePredictor) -> None:
