@@ -46,6 +46,8 @@ from common.fm import FoundationModel
 from common.package import KnowledgePackage, encode_package
 from common.zoo import SmallModel, parse_spec
 from fcl_client import cli as client_cli
+from fcl_client import http_api
+from fcl_client import serving as edge_serving
 from fcl_client.checkpoint import CheckpointStore, Progress, Step
 from fcl_client.http_api import create_app
 from fcl_client.learner import Learner
@@ -507,3 +509,50 @@ def test_serve_on_an_untrained_work_dir_says_run_first(
 def test_bad_listen_address_is_refused(listen: str) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
         client_cli.parse_listen(listen)
+
+
+def test_a_load_raced_by_a_newer_save_is_dropped_then_the_newer_one_loaded(
+    trained: Trained, fm: FoundationModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(trained.no_personal, work)
+    predictor = EdgePredictor(work, fm)
+    try:
+        store = CheckpointStore(work)
+        progress, learner = store.load()
+        assert learner is not None
+        store.save(progress, learner)  # a newer snapshot to load...
+        load, raced = Learner.load, []
+
+        def load_while_a_client_saves(directory: Path) -> Learner:
+            loaded = load(directory)
+            if not raced:  # ...and, while it is read, one newer still
+                raced.append(progress.snapshot)
+                store.save(progress, learner)
+            return loaded
+
+        monkeypatch.setattr(edge_serving.Learner, "load", staticmethod(load_while_a_client_saves))
+        assert predictor.check_for_newer() is False  # the raced load is dropped, not refused for good
+        assert raced and predictor.current.snapshot < raced[0]
+        assert predictor.check_for_newer() is True
+        assert predictor.current.snapshot == raced[0] + 1 == progress.snapshot
+    finally:
+        predictor.close()
+
+
+def test_a_body_that_stalls_is_answered_408(
+    no_personal_predictor: EdgePredictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http_api, "BODY_TIMEOUT_S", 0.5)
+    with serving(no_personal_predictor, watch=False) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(
+                b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"texts": '
+            )
+            answer = conn.recv(4096).decode()
+        fine = requests.post(f"{url}/v1/predict", json={"texts": ["hi"]}, timeout=30)
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert "did not arrive within 0.5 s" in answer
+    assert fine.status_code == 200
