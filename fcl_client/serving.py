@@ -150,6 +150,8 @@ def load_snapshot(work_dir: Path, fm_digest: str) -> LoadedModel:
         )
     if learner.model is None:
         raise CheckpointRefused(f"snapshot {progress.snapshot} has no small model yet")
+    # predictions need only the heads: the statistics bank (up to hundreds of MB with many labels) goes
+    learner.bank = learner.task_bank = None
     return LoadedModel(learner, progress.snapshot, tasks_learned(progress), progress.task_name, time.time())
 
 

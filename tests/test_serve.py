@@ -315,6 +315,7 @@ def test_domain_predict_is_the_learners(
         [(s.label, pytest.approx(s.probability, abs=1e-6)) for s in r.labels] for r in got.results
     ] == want
     assert (got.head, got.head_version, got.snapshot) == ("small", 1, model.snapshot)
+    assert model.learner.bank is None  # only the heads are kept for serving
 
 
 def test_abstention_is_marked_out_of_scope(fm: FoundationModel) -> None:
