@@ -1,4 +1,4 @@
-"""`fcl-client`: run a client's task stream against a server (run) and use what it learned (predict)."""
+"""`fcl-client`: run a client's task stream against a server (run), use what it learned (predict, serve)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from common.tls import TLSConfigError
 from common.zoo import SpecError
 from fcl_client.connection import Connection, TransferError
 from fcl_client.progress import Bars
-from fcl_client.runner import ClientRunner, load_trained
+from fcl_client.runner import ClientRunner, load_fm, load_trained
+from fcl_client.serving import MAX_IN_FLIGHT, RELOAD_INTERVAL_S, CheckpointRefused, EdgePredictor
 from fcl_client.settings import RunSettings, TokenError, resolve_token
 
 TOKEN_ENV = "FCL_TOKEN"  # the `token` option's environment variable
@@ -46,13 +47,37 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top", type=int, default=5)
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
     predict.add_argument("texts", nargs="+")
+
+    serve = sub.add_parser(
+        "serve", help="answer predictions over local HTTP (JSON), reloading newer checkpoints as they appear"
+    )
+    serve.add_argument("--work-dir", type=Path, required=True)
+    serve.add_argument(
+        "--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080; port 0 picks one)"
+    )
+    serve.add_argument("--device", default="cpu", help="where the FM encodes (default cpu)")
+    serve.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    serve.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=MAX_IN_FLIGHT,
+        help=f"predict requests admitted at once; past it 503 with Retry-After (default {MAX_IN_FLIGHT})",
+    )
+    serve.add_argument(
+        "--reload-interval",
+        type=float,
+        default=RELOAD_INTERVAL_S,
+        help=f"seconds between checks for a newer checkpoint (default {RELOAD_INTERVAL_S:g})",
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args) if args.command == "run" else predict(args)
+        commands = {"run": run, "predict": predict, "serve": serve}
+        return commands[args.command](args)
     except grpc.RpcError as exc:
         code = exc.code().name if isinstance(exc, grpc.Call) else "UNKNOWN"
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
@@ -67,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         TokenError,
         SettingsError,
         OSError,
+        CheckpointRefused,
     ) as exc:
         print(f"fcl-client: error: {exc}", file=sys.stderr)
     except RuntimeError as exc:
@@ -106,6 +132,59 @@ def predict(args: argparse.Namespace) -> int:
         print(text)
         for label, prob in ranked:
             print(f"  {prob:6.3f}  {label}")
+    return 0
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT ([::1]:PORT for IPv6) → (host, port); ValueError saying what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(
+            f"--listen must be HOST:PORT with a port 0-65535, such as 127.0.0.1:8080, not {value!r}"
+        )
+    return host.strip("[]"), int(port)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import socket
+
+    import torch
+    import uvicorn
+
+    from fcl_client.http_api import create_app
+
+    setup_logging(args.log_level.upper(), "text")
+    try:
+        host, port = parse_listen(args.listen)
+    except ValueError as exc:
+        print(f"fcl-client: error: {exc}", file=sys.stderr)
+        return 2
+    if args.max_in_flight < 1 or args.reload_interval <= 0:
+        print("fcl-client: error: --max-in-flight must be >= 1 and --reload-interval > 0", file=sys.stderr)
+        return 2
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    predictor = EdgePredictor(args.work_dir, load_fm(args.work_dir, args.device), args.reload_interval)
+    app = create_app(predictor, max_in_flight=args.max_in_flight)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    print(
+        f"fcl-client serve: listening on http://{shown}:{bound} (snapshot {predictor.current.snapshot})",
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app,
+        log_level=args.log_level,
+        access_log=False,
+        log_config=None,  # uvicorn's records go through the root logger set up above
+        # open connections of any kind (uvicorn answers 503 past it); predicts have their own bound
+        limit_concurrency=args.max_in_flight + 64,
+        timeout_graceful_shutdown=30,
+    )
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 

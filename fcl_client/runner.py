@@ -374,12 +374,19 @@ class ClientRunner:
 
 def load_trained(work_dir: Path, device: str = "cpu") -> tuple[FoundationModel, Learner]:
     """The FM and learner checkpointed in `work_dir`, loaded offline (what predictions use)."""
-    fm_file = work_dir / FM_PATH_FILE
     _, learner = CheckpointStore(work_dir).load()
-    if learner is None or not fm_file.exists():
+    if learner is None or not (work_dir / FM_PATH_FILE).exists():
+        raise RuntimeError(f"{work_dir} holds no trained client; run `fcl-client run` first")
+    return load_fm(work_dir, device), learner
+
+
+def load_fm(work_dir: Path, device: str = "cpu") -> FoundationModel:
+    """The FM `work_dir`'s client trained with, encoding as it did, loaded offline."""
+    fm_file = work_dir / FM_PATH_FILE
+    if not fm_file.exists():
         raise RuntimeError(f"{work_dir} holds no trained client; run `fcl-client run` first")
     encoding_file = work_dir / FM_ENCODING_FILE
     overrides = EncodingOverrides()
     if encoding_file.exists():  # (older work dirs have none: their FM encoded as its files said)
         overrides = EncodingOverrides.from_encoding(FMEncoding.from_json(encoding_file.read_text()))
-    return FoundationModel(fm_file.read_text().strip(), device=device, overrides=overrides), learner
+    return FoundationModel(fm_file.read_text().strip(), device=device, overrides=overrides)
