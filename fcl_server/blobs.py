@@ -20,7 +20,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 STALE_TEMP_S = 3600.0  # a temp dir untouched this long belongs to no live process (a temp lives seconds)
@@ -145,6 +145,15 @@ class BlobStore:
         # made again if another process swept it as stale while this one was idle for long
         self.tmp.mkdir(parents=True, exist_ok=True)
         return self.tmp
+
+    def digests(self) -> Iterator[str]:
+        """Every blob in the store (not temp files, not the dir's mark), as its digest."""
+        for prefix in self.root.glob("??"):
+            if prefix.is_dir() and all(c in "0123456789abcdef" for c in prefix.name):
+                for entry in prefix.iterdir():
+                    digest = prefix.name + entry.name
+                    if len(digest) == 64 and all(c in "0123456789abcdef" for c in entry.name):
+                        yield digest
 
     def read(self, digest: str) -> bytes:
         return self.path(digest).read_bytes()

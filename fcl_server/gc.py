@@ -31,6 +31,7 @@ from fcl_server.blobs import BlobStore
 from fcl_server.state import State
 
 DEFAULT_GRACE_S = 3600.0
+ORPHAN = "orphan"  # a blob no row names (gc --orphans)
 
 
 @dataclass
@@ -68,18 +69,26 @@ def collect(
     keep_versions: int,
     grace_s: float = DEFAULT_GRACE_S,
     dry_run: bool = False,
+    orphans: bool = False,
 ) -> GcReport:
-    """Delete what inventory.plan no longer needs, older than `grace_s`; returns what was freed."""
+    """Delete what inventory.plan no longer needs, older than `grace_s`; returns what was freed.
+
+    `orphans`: also the blobs no row names at all, by the same rules (a writer's new blob is younger
+    than the grace period until its commit names it)."""
     if keep_versions < 0:
         raise ValueError(
             f"--keep-versions must be >= 0 (the live heads are always kept), not {keep_versions}"
         )
     if grace_s < 0:
         raise ValueError(f"--grace-s must be >= 0, not {grace_s}")
+    # the files first, then the plan: a blob written in between is named by the plan or is young
+    on_disk = set(blobs.digests()) if orphans else set()
     with state.engine.connect() as conn, conn.begin():  # one snapshot for the whole plan
         planned = inventory.plan(conn, keep_versions)
     report = GcReport(keep_versions, grace_s, dry_run, kept=len(planned.keep))
-    for digest, kind in sorted(planned.drop.items()):
+    drop = dict(planned.drop)
+    drop.update((d, ORPHAN) for d in on_disk - planned.keep.keys() - planned.drop.keys())
+    for digest, kind in sorted(drop.items()):
         path = blobs.path(digest)
         try:
             stat = path.stat()
@@ -106,7 +115,7 @@ def collect(
 
 def _kind(kinds: str) -> str:
     """One word for what a blob was: a head version wins over a package or bank of the same bytes."""
-    for kind in ("global-head", "personal-head", "package", "bank"):
+    for kind in ("global-head", "personal-head", "package", "bank", ORPHAN):
         if kind in kinds.split("+"):
             return kind
     return kinds

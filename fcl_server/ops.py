@@ -146,6 +146,12 @@ def add_commands(sub: Any) -> None:
         help=f"never delete a blob written or touched this recently (default {gcmod.DEFAULT_GRACE_S:.0f})",
     )
     gc.add_argument("--dry-run", action="store_true", help="only say what would be freed")
+    gc.add_argument(
+        "--orphans",
+        action="store_true",
+        help="also delete blobs that no database row names (a head written by a worker that crashed "
+        "before its commit, an upload whose commit failed), older than the grace period",
+    )
 
     bk = sub.add_parser(
         "backup",
@@ -643,7 +649,9 @@ def run_gc(args: argparse.Namespace) -> int:
     try:
         blobs = open_blobs(state, args.state_dir, args.blob_dir)
         try:
-            report = gcmod.collect(state, blobs, args.keep_versions, args.grace_s, args.dry_run)
+            report = gcmod.collect(
+                state, blobs, args.keep_versions, args.grace_s, args.dry_run, orphans=args.orphans
+            )
         finally:
             blobs.close()
     finally:

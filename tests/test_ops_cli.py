@@ -522,6 +522,24 @@ def test_gc_puts_back_a_blob_that_a_writer_touched_or_referenced_during_its_run(
     assert report.freed_count > 0  # the rest went
 
 
+def test_gc_orphans_deletes_old_blobs_no_row_names_and_only_when_asked(store: Store) -> None:
+    s = store
+    s.job("edge-a", ["x"])
+    orphan = s.put("a head whose worker crashed before its commit")
+    s.age()
+    young = s.put("an upload whose commit is on its way")
+    named = {d for d in s.blobs.digests() if d not in {orphan, young}}
+    args = (*s.db, *s.blob, "--keep-versions", "1", "--grace-s", "60")
+    assert cli_json("gc", *args)["freed"]["count"] == 0 and s.exists(orphan)  # not without --orphans
+    dry = cli_json("gc", *args, "--orphans", "--dry-run")
+    assert dry["freed"]["by_kind"] == {"orphan": 1} and s.exists(orphan)
+    code, out, err = cli("gc", *args, "--orphans")
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("freed 1 blobs") and "(orphan 1)" in out.splitlines()[0]
+    assert not s.exists(orphan) and s.exists(young) and all(s.exists(d) for d in named)
+    assert s.state.collected({orphan}).keys() == {orphan}
+
+
 def test_writing_bytes_the_store_has_touches_the_blob(tmp_path: Path) -> None:
     blobs = BlobStore(tmp_path / "blobs")
     digest = blobs.put_bytes(b"same bytes")
