@@ -320,9 +320,10 @@ class FclService:
             )
         if not 0 <= header.offset <= header.size:
             raise InvalidArgument(f"offset {header.offset} is outside the package (0..{header.size})")
-        self._check_upload_quota(client, header)
         existing = self.state.find_upload(client, header.upload_id)
-        if existing is None:
+        if existing is None:  # a retry of an accepted upload stores nothing new
+            # a resume (or restart) of an unfinished upload replaces its own held bytes
+            self._check_storage(client, header.size, "This upload", except_upload=header.upload_id)
             made = self._reserve_upload_id(client, header)
             try:
                 self._admit_new_bytes(client, header)
@@ -365,11 +366,14 @@ class FclService:
             )
         return bound
 
-    def close_upload(self, principal: Principal, header: UploadHeader, writer: PartialWriter) -> None:
-        """The stream is over, accepted or not: an upload of which nothing is held is unbound again."""
+    def close_upload(
+        self, principal: Principal, header: UploadHeader, writer: PartialWriter, accepted: bool = False
+    ) -> None:
+        """The stream is over: an upload not accepted of which nothing is held is unbound again (an
+        accepted one's binding ended in the transaction that recorded it)."""
         writer.close()
         client = self._client(principal)
-        if self.partials.held(client, header.upload_id) is None:
+        if not accepted and self.partials.held(client, header.upload_id) is None:
             self.state.release_upload_id(client, header.upload_id)
 
     # -- per-client storage quota ----------------------------------------------------------------
@@ -398,12 +402,6 @@ class FclService:
                 f"unfinished uploads and {metrics} of metrics, and this adds {adding}; nothing was stored. "
                 "Ask the operator for a larger --client-quota-mb"
             )
-
-    def _check_upload_quota(self, client: str, header: UploadHeader) -> None:
-        if self.state.find_upload(client, header.upload_id) is not None:
-            return  # a retry of an accepted upload stores nothing new
-        # a resume (or restart) of an unfinished upload replaces its own held bytes
-        self._check_storage(client, header.size, "This upload", except_upload=header.upload_id)
 
     def _admit_upload(self, client: str, size: int) -> None:
         """Charge a new upload to the client's byte quota and upload rate, or say how long to wait."""

@@ -244,12 +244,14 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
             # bytes go to a resumable partial: if this stream breaks, the next one sends only the rest
             with self.service.uploads_in_flight.track():
                 writer = await self._run(self.service.open_upload, principal, header)
+                receipt = None
                 try:
                     await self._receive_chunks(request_iterator, writer)
                     receipt = await self._run(self.service.finish_upload, principal, header, writer)
                     return convert.receipt(receipt)
                 finally:
-                    await self._run(self.service.close_upload, principal, header, writer)
+                    accepted = receipt is not None
+                    await self._run(self.service.close_upload, principal, header, writer, accepted)
 
     async def _receive_chunks(
         self, requests: AsyncIterator[pb.UploadKnowledgeRequest], writer: PartialWriter
