@@ -208,7 +208,7 @@ class Agent:
     def run(self) -> int:
         self.metrics.set_state("starting")
         try:
-            self._load()
+            self.load()
         except BaseException as exc:
             self.metrics.error("fatal", str(exc))
             self.metrics.set_state("failed")
@@ -263,7 +263,7 @@ class Agent:
         return self.runner.progress.task_index < len(self.tasks)
 
     # -- state on disk -----------------------------------------------------------------------------
-    def _load(self) -> None:
+    def load(self) -> None:
         """The ledger and the checkpoint; they must agree (a `fcl-client run` work dir has no ledger)."""
         self.ledger = self.ledgers.load()
         self.ledgers.drop_unlisted(self.ledger)
@@ -355,10 +355,11 @@ class Agent:
         self.ledger.folders[name] = FolderRecord(digest, "task", task.name)
         self.ledgers.save(self.ledger)
         self.tasks.append(task)
-        kind = "new task" if round_no == 1 else f"round {round_no} of folder {name}"
+        what = f"new folder {name}" if round_no == 1 else f"{task.name} (round {round_no} of folder {name})"
+        new = "" if round_no == 1 else "new "
         self.say(
-            f"[{self.cfg.client_id}] agent: {kind} {task.name} as task {index + 1}: "
-            f"{len(train)} train and {len(test)} test examples"
+            f"[{self.cfg.client_id}] agent: {what} is task {index + 1}: "
+            f"{len(train)} {new}train and {len(test)} {new}test examples"
         )
         self._show_counts()
         return entry
@@ -416,40 +417,64 @@ def run_agent(
     bars: Bars | None = None,
     signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
 ) -> int:
-    """Run the agent until a stop signal (exit 0) or an error waiting cannot mend (raised)."""
+    """Run the agent until a stop signal (exit 0) or an error waiting cannot mend (raised).
+
+    The loop runs in a thread of its own; this (the main) thread only waits for it, so the signal
+    handler, which runs here, never interrupts code holding a lock or writing output: it only sets
+    an Event. Another thread then reports the stop and closes the channel, which cancels a call in
+    flight (a job watch can last long); the loop sees it fail, finds stop set and ends.
+    """
     metrics = AgentMetrics()
     stop = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if not stop.is_set():
-            say(f"[{cfg.client_id}] agent: {signal.Signals(signum).name}: stopping at the next safe point")
-            metrics.set_state("stopping")
+        received.append(signum)
         stop.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in signals}
     conn = AgentConnection(cfg.server, cfg.token, timeout=cfg.timeout, tls=cfg.tls())
+    outcome: list[int | BaseException] = []
 
-    # a call in flight (a job watch can last long) is cancelled by closing the channel from this
-    # thread, never from the signal handler: the loop sees the call fail and finds stop set
+    def loop() -> None:
+        try:
+            agent = Agent(cfg, conn, options, metrics, stop, say, bars)
+            say(
+                f"[{cfg.client_id}] agent watching {cfg.stream} (every {options.poll_s:g}s; folders are "
+                f"taken when READY or unchanged for {options.settle_s:g}s)"
+            )
+            outcome.append(agent.run())
+        except BaseException as exc:
+            outcome.append(exc)
+
     def close_on_stop() -> None:
         stop.wait()
+        if received and worker.is_alive():
+            name = signal.Signals(received[0]).name
+            say(f"[{cfg.client_id}] agent: {name}: stopping at the next safe point")
+            metrics.set_state("stopping")
         conn.close()
 
+    previous = {s: signal.signal(s, on_signal) for s in signals}
+    worker = threading.Thread(target=loop, name="agent-loop")
     closer = threading.Thread(target=close_on_stop, name="agent-stop", daemon=True)
-    closer.start()
     try:
         if metrics_listen:
             port = metrics.serve_http(metrics_listen)
             say(f"[{cfg.client_id}] agent metrics on port {port} (/metrics, /healthz)")
-        agent = Agent(cfg, conn, options, metrics, stop, say, bars)
-        say(
-            f"[{cfg.client_id}] agent watching {cfg.stream} (every {options.poll_s:g}s; folders are taken "
-            f"when READY or unchanged for {options.settle_s:g}s)"
-        )
-        return agent.run()
+        worker.start()
+        closer.start()
+        while worker.is_alive():
+            worker.join(0.5)
     finally:
         stop.set()
-        closer.join(timeout=5)
+        if worker.ident is not None:  # (started)
+            worker.join()
+        if closer.is_alive():
+            closer.join(timeout=5)
         metrics.stop_http()
         for s, handler in previous.items():
             signal.signal(s, handler)
+    result = outcome[0] if outcome else 1
+    if isinstance(result, BaseException):
+        raise result
+    return result

@@ -27,11 +27,21 @@ from benchmarks.cluster import ServerProcess
 from common.datasets.records import Example
 from common.settings import load_settings
 from common.wire_limits import ID_RE
-from fcl_client.agent import Agent, AgentConnection, AgentOptions, backoff_delays, classify
+from fcl_client.agent import (
+    Agent,
+    AgentConnection,
+    AgentError,
+    AgentOptions,
+    StopBars,
+    Stopping,
+    backoff_delays,
+    classify,
+)
 from fcl_client.agent_metrics import AgentMetrics
-from fcl_client.checkpoint import CheckpointStore
+from fcl_client.checkpoint import CheckpointStore, Progress
 from fcl_client.connection import Connection
 from fcl_client.ledger import LedgerStore
+from fcl_client.progress import Bars
 from fcl_client.runner import ClientConfig
 from fcl_client.settings import AgentSettings
 from fcl_client.stream_watch import (
@@ -157,7 +167,7 @@ def offline_agent(tmp_path: Path) -> Agent:
     )  # fmt: skip
     conn = AgentConnection(cfg.server, cfg.token)
     agent = Agent(cfg, conn, AgentOptions(settle_s=0), AgentMetrics(), threading.Event(), say=lambda _: None)
-    agent._load()
+    agent.load()
     return agent
 
 
@@ -205,9 +215,6 @@ def test_admission_new_folder_growth_round_and_restart(tmp_path: Path) -> None:
 
 
 def test_agent_refuses_a_work_dir_of_fcl_client_run(tmp_path: Path) -> None:
-    from fcl_client.agent import AgentError
-    from fcl_client.checkpoint import Progress
-
     CheckpointStore(tmp_path / "work").save(Progress(task_index=2), None)
     with pytest.raises(AgentError, match="used by `fcl-client run`"):
         offline_agent(tmp_path)
@@ -478,3 +485,23 @@ def test_agent_waits_out_a_server_outage_and_carries_on(
         assert agent.proc.wait(timeout=60) == 0
     finally:
         agent.kill()
+
+
+def test_a_stop_request_ends_a_long_step_at_its_next_progress_call() -> None:
+
+    states: list[str] = []
+    stop = threading.Event()
+
+    def check() -> None:
+        if stop.is_set():
+            raise Stopping
+
+    bars = StopBars(Bars(enabled=False), states.append, check)
+    with bars.bar("training task-00", unit="epoch") as on_epoch:
+        on_epoch(1, 3)
+        stop.set()
+        with pytest.raises(Stopping):
+            on_epoch(2, 3)
+    with bars.bar("FM features", unit="text"):
+        pass
+    assert states == ["training", "encoding"]
