@@ -481,8 +481,15 @@ def test_agent_waits_out_a_server_outage_and_carries_on(
         wait_until(lambda: agent.done(2), "the agent carries on with the server back", 240)
         text = get(agent.port, "/metrics")[1]
         assert metric(text, 'fcl_client_agent_errors_total{kind="server_unavailable"}') >= 1
+        # SIGTERM while a call is being retried against a dead server: a clean stop all the same
+        server.kill()
+        retries = agent.text().count("retrying in")
+        wait_until(lambda: agent.alive() and agent.text().count("retrying in") > retries, "a retry", 60)
         agent.proc.send_signal(signal.SIGTERM)
-        assert agent.proc.wait(timeout=60) == 0
+        assert agent.proc.wait(timeout=60) == 0, agent.text()
+        assert "agent stopped: 2 tasks done" in agent.text()
+        again = serve(tmp_path / "server", tmp_path / "server-3.log", tmp_path)  # for the fixture to stop
+        server.proc, server.port = again.proc, again.port
     finally:
         agent.kill()
 
