@@ -58,6 +58,8 @@ RETRY_CODES = UNAVAILABLE_CODES | {
     grpc.StatusCode.INTERNAL,
 }
 
+AGENT_CALL_RETRIES = 3  # retries of a call inside the Connection before the loop backs off
+
 
 @dataclass(frozen=True)
 class AgentOptions:
@@ -434,7 +436,11 @@ def run_agent(
         received.append(signum)
         stop.set()
 
-    conn = AgentConnection(cfg.server, cfg.token, timeout=cfg.timeout, tls=cfg.tls())
+    # few retries inside a call (about 3 s): a longer outage is the loop's backoff, which shows in the
+    # metrics and keeps admitting folders meanwhile
+    conn = AgentConnection(
+        cfg.server, cfg.token, timeout=cfg.timeout, tls=cfg.tls(), retries=AGENT_CALL_RETRIES
+    )
     outcome: list[int | BaseException] = []
 
     def loop() -> None:

@@ -25,6 +25,7 @@ import pytest
 
 from benchmarks.cluster import ServerProcess
 from common.datasets.records import Example
+from common.fm import FoundationModel
 from common.settings import load_settings
 from common.wire_limits import ID_RE
 from fcl_client.agent import (
@@ -212,6 +213,36 @@ def test_admission_new_folder_growth_round_and_restart(tmp_path: Path) -> None:
     assert [t.train for t in again.tasks] == [t.train for t in agent.tasks]
     assert not store.task_dir(9).exists() and not list(store.root.glob("*.tmp"))
     assert again.admit_complete_folders() == [], "a restart does not take the same content again"
+
+
+def test_the_loop_backs_off_while_the_server_is_down_and_stops_with_exit_0(
+    tmp_path: Path, fm: FoundationModel
+) -> None:
+    """Nothing listens at the server address: the agent counts, backs off, keeps admitting, never exits."""
+    cfg = ClientConfig(
+        server="127.0.0.1:1", client_id=CLIENT, token="t", stream=tmp_path / "stream",
+        work_dir=tmp_path / "work", model="linear", device="cpu",
+    )  # fmt: skip
+    conn = AgentConnection(cfg.server, cfg.token, timeout=2, retries=0)
+    options = AgentOptions(poll_s=0.05, settle_s=0, backoff_s=0.05, backoff_max_s=0.2)
+    metrics, stop = AgentMetrics(), threading.Event()
+    agent = Agent(cfg, conn, options, metrics, stop, say=lambda _: None)
+    agent.runner.local_fm = fm  # the session's FM: no load in this test
+    outcome: list[int] = []
+    loop = threading.Thread(target=lambda: outcome.append(agent.run()))
+    loop.start()
+    try:
+        errors = ("fcl_client_agent_errors_total", {"kind": "server_unavailable"})
+        wait_until(lambda: (metrics.registry.get_sample_value(*errors) or 0) >= 3, "three failed cycles", 60)
+        assert loop.is_alive() and metrics.current in ("backoff", "starting", "idle")
+        write_folder(tmp_path / "stream" / "task-00", [line("a", "la")], ready=True)
+        wait_until(lambda: metrics.values["tasks_pending"] == 1, "admitted during the outage", 30)
+    finally:
+        stop.set()
+        conn.close()
+        loop.join(timeout=60)
+    assert outcome == [0] and metrics.current == "stopped"
+    assert LedgerStore(tmp_path / "work").load().entries[0].folder == "task-00"
 
 
 def test_agent_refuses_a_work_dir_of_fcl_client_run(tmp_path: Path) -> None:
