@@ -1,4 +1,5 @@
-"""`fcl-client`: run a client's task stream against a server (run), use what it learned (predict, serve)."""
+"""`fcl-client`: learn a client's task stream with a server (run, or agent: for as long as it grows), and use
+what it learned (predict, serve)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from common.logs import setup_logging
 from common.settings import SettingsError, add_settings_command, given_flags, load_settings
 from common.tls import TLSConfigError
 from common.zoo import SpecError
+from fcl_client.agent import run_agent
 from fcl_client.connection import Connection, TransferError
 from fcl_client.progress import Bars
 from fcl_client.runner import ClientRunner, load_fm, load_trained
 from fcl_client.serving import MAX_IN_FLIGHT, RELOAD_INTERVAL_S, CheckpointRefused, EdgePredictor
-from fcl_client.settings import RunSettings, TokenError, resolve_token
+from fcl_client.settings import AgentSettings, RunSettings, TokenError, resolve_token
 
 TOKEN_ENV = "FCL_TOKEN"  # the `token` option's environment variable
 __all__ = ["TOKEN_ENV", "TokenError", "build_parser", "main", "resolve_token"]
@@ -39,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
         RunSettings,
         "FCL_SERVER, FCL_TOKEN",
         "deploy/client.example.toml",
+    )
+
+    add_settings_command(
+        sub,
+        "agent",
+        "run as a long-lived edge agent: learn every task folder of the stream directory, then each new "
+        "folder (and each growth of one) as it arrives; serves /metrics and /healthz (docs/agent.md)",
+        AgentSettings,
+        "FCL_SERVER, FCL_TOKEN, FCL_POLL_S",
+        "deploy/agent.example.toml",
     )
 
     predict = sub.add_parser("predict", help="top labels with probabilities for some text")
@@ -76,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"run": run, "predict": predict, "serve": serve}
+        commands = {"run": run, "agent": agent, "predict": predict, "serve": serve}
         return commands[args.command](args)
     except grpc.RpcError as exc:
         code = exc.code().name if isinstance(exc, grpc.Call) else "UNKNOWN"
@@ -112,6 +124,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"fcl-client: distillation failed for jobs {summary.failed_jobs}", file=sys.stderr)
         return 1
     return 0
+
+
+def agent(args: argparse.Namespace) -> int:
+    settings = load_settings(AgentSettings, given_flags(args, AgentSettings), args.config)
+    setup_logging(settings.log_level, settings.log_format)
+    cfg = settings.client_config()
+    bars = Bars.for_terminal(settings.progress)
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    return run_agent(cfg, settings.agent_options(), settings.metrics_listen, say=say, bars=bars)
 
 
 def predict(args: argparse.Namespace) -> int:

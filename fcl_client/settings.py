@@ -1,4 +1,4 @@
-"""Options of `fcl-client run`: flags, FCL_* environment variables or a TOML file (common.settings)."""
+"""Options of `fcl-client run` and `agent`: flags, FCL_* environment variables or a TOML file."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from common.fm import DEFAULT_FM
 from common.fm_encoding import FMDtype, PoolingMode
 from common.fm_options import fm_dtype_field, fm_max_length_field, fm_pooling_field, fm_prompt_field
 from common.logs import LOG_LEVELS, LogFormat, log_level
-from common.settings import LayeredSettings
+from common.settings import LayeredSettings, host_port
+from fcl_client.agent import AgentOptions
 from fcl_client.runner import ClientConfig
 
 _SMCF = SMCFConfig()
@@ -130,3 +131,34 @@ class RunSettings(LayeredSettings):
         tls = self.model_dump(include={"tls_ca", "tls_cert", "tls_key"}, exclude_none=True)
         token = resolve_token(self.token, self.token_file, None)
         return ClientConfig(token=token, smcf=smcf, **fields, **tls)
+
+
+class AgentSettings(RunSettings):
+    """Every option of `fcl-client agent`: those of `run`, then the agent's own."""
+
+    poll_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="seconds between looks at the stream directory and at the server's personalised head",
+    )
+    settle_s: float = Field(
+        30.0,
+        ge=0,
+        le=86400,
+        description="a task folder without a READY file is taken once its files have not changed for this "
+        "many seconds",
+    )
+    metrics_listen: str | None = Field(
+        None,
+        description="HOST:PORT serving Prometheus /metrics and /healthz over plain HTTP (default: off)",
+        examples=["127.0.0.1:9101"],
+    )
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        return None if value is None else host_port(value)
+
+    def agent_options(self) -> AgentOptions:
+        return AgentOptions(poll_s=self.poll_s, settle_s=self.settle_s)

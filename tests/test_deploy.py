@@ -30,7 +30,7 @@ from common.tls import TLSFiles
 from common.zoo import parse_spec
 from fcl_client.cli import build_parser as client_parser
 from fcl_client.connection import Connection
-from fcl_client.settings import RunSettings
+from fcl_client.settings import AgentSettings, RunSettings
 from fcl_server.app import RunningServer
 from fcl_server.cli import build_parser as server_parser
 from fcl_server.settings import ServeSettings, WorkerSettings
@@ -42,6 +42,7 @@ K8S = DEPLOY / "k8s"
 K8S_SCALE = K8S / "scale"
 SYSTEMD = DEPLOY / "systemd"
 CLIENT_IDS = ["client-0", "client-1", "client-2"]
+AGENT_IDS = ["agent-0"]  # the Kubernetes edge agent (deploy/k8s/base/agent.yaml)
 
 
 def _load_healthcheck() -> ModuleType:
@@ -73,6 +74,7 @@ SETTINGS: dict[tuple[str, str], type[LayeredSettings]] = {
     ("fcl-server", "serve"): ServeSettings,
     ("fcl-server", "worker"): WorkerSettings,
     ("fcl-client", "run"): RunSettings,
+    ("fcl-client", "agent"): AgentSettings,
 }
 
 
@@ -542,7 +544,17 @@ API_VERSIONS = {
 }
 SETUPS = {"single-node": K8S, "scale": K8S_SCALE}
 SETUP_KINDS = {
-    "single-node": {"Namespace", "ConfigMap", "Secret", "Service", "StatefulSet", "Job", "NetworkPolicy"},
+    "single-node": {
+        "Namespace",
+        "ConfigMap",
+        "Secret",
+        "Service",
+        "StatefulSet",
+        "Job",
+        "NetworkPolicy",
+        "Deployment",
+        "PersistentVolumeClaim",
+    },
     "scale": set(API_VERSIONS),
 }
 # what `valueFrom: fieldRef` gives a container, e.g. a Deployment pod's name
@@ -708,7 +720,7 @@ def test_k8s_every_fcl_command_line_is_accepted(setup: str, setups: dict[str, Ob
             for argv in container_commands(container, objects):
                 parse(argv, env)
                 count += 1
-    assert count == {"single-node": 10, "scale": 14}[setup]
+    assert count == {"single-node": 12, "scale": 16}[setup]
 
 
 def test_k8s_server_statefulset_keeps_state_on_a_claim_and_probes_grpc_health(k8s: Objects) -> None:
@@ -771,8 +783,56 @@ def test_k8s_client_jobs_use_the_token_secret_and_reach_the_service(
         (wait,) = [c for c in pod["initContainers"] if c["command"][0] == "sh"]
         (probe,) = container_commands(wait, objects)
         assert parse(probe).target == args.server
-    assert ids == set(CLIENT_IDS) == set(secret["stringData"])
+    assert ids == set(CLIENT_IDS) and set(secret["stringData"]) == ids | set(AGENT_IDS)
     assert len(models) == len(jobs) == 3
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_k8s_agent_is_one_long_running_replica_with_its_work_dir_on_a_claim(
+    setup: str, setups: dict[str, Objects]
+) -> None:
+    objects = setups[setup]
+    deployment = objects[("Deployment", "fcl-agent")]["spec"]
+    assert deployment["replicas"] == 1 and deployment["strategy"]["type"] == "Recreate", (
+        "one agent per work dir"
+    )
+    assert selects(deployment["selector"]["matchLabels"], deployment["template"])
+    template = deployment["template"]
+    pod = template["spec"]
+    assert "restartPolicy" not in pod or pod["restartPolicy"] == "Always", "a Deployment, never finished"
+    (container,) = pod["containers"]
+    args = run_fcl(container, objects)
+    assert container["args"][0] == "agent" and isinstance(args, AgentSettings)
+    assert args.client_id in AGENT_IDS
+    parse_spec(args.model)
+    host, port = args.server.rsplit(":", 1)
+    service = objects[("Service", "fcl-server")]["spec"]
+    assert (
+        host.split(".")[0] == "fcl-server"
+        and int(port) == {p["name"]: p["port"] for p in service["ports"]}["grpc"]
+    )
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    token = volumes[mounts[str(args.token_file.parent)]["name"]]["secret"]
+    assert token["secretName"] == "fcl-client-tokens"
+    assert token["items"] == [{"key": args.client_id, "path": args.token_file.name}]
+    assert args.client_id in objects[("Secret", "fcl-client-tokens")]["stringData"]
+    # the work dir (ledger, checkpoints) outlives the pod; the stream is only read
+    work = volumes[mounts[str(args.work_dir)]["name"]]["persistentVolumeClaim"]["claimName"]
+    assert objects[("PersistentVolumeClaim", work)]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    stream = mounts[str(args.stream)]
+    assert stream["readOnly"] is True
+    assert objects[("PersistentVolumeClaim", volumes[stream["name"]]["persistentVolumeClaim"]["claimName"])]
+    # /healthz and /metrics on the --metrics-listen port
+    metrics_port = int(args.metrics_listen.rsplit(":", 1)[1])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    probe = container["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz" and ports[probe["port"]] == metrics_port
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == str(metrics_port)
+    assert pod["terminationGracePeriodSeconds"] >= 30
+    (wait,) = [c for c in pod["initContainers"] if c["command"][0] == "sh"]
+    (probe_argv,) = container_commands(wait, objects)
+    assert parse(probe_argv).target == args.server
 
 
 def database_url(objects: Objects) -> str:
@@ -865,7 +925,11 @@ def test_k8s_scale_workers_share_the_blob_claim_and_the_database(k8s_scale: Obje
 
 
 def test_k8s_scale_blob_dir_is_one_read_write_many_claim(k8s_scale: Objects) -> None:
-    claims = {name: o for (kind, name), o in k8s_scale.items() if kind == "PersistentVolumeClaim"}
+    claims = {
+        name: o
+        for (kind, name), o in k8s_scale.items()
+        if kind == "PersistentVolumeClaim" and not name.startswith("fcl-agent-")  # the agent's own
+    }
     (name,) = claims
     assert claims[name]["spec"]["accessModes"] == ["ReadWriteMany"]
     users = {}
@@ -978,7 +1042,7 @@ def exec_start(ini: configparser.ConfigParser, env: dict[str, str]) -> list[str]
     return shlex.split(expand(line, env, r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}"))
 
 
-@pytest.mark.parametrize("name", ["fcl-server.service", "fcl-client@.service"])
+@pytest.mark.parametrize("name", ["fcl-server.service", "fcl-client@.service", "fcl-agent@.service"])
 def test_systemd_units_are_hardened_and_stop_gracefully(name: str) -> None:
     ini, values = unit(name)
     service = ini["Service"]
@@ -1029,17 +1093,48 @@ def test_systemd_client_unit_command_is_accepted_with_the_example_environment() 
     assert ini["Service"]["EnvironmentFile"] == "/etc/fcl/client-%i.env"
 
 
+def test_systemd_agent_unit_command_is_accepted_with_the_example_environment() -> None:
+    ini, values = unit("fcl-agent@.service")
+    env = dict(
+        line.split("=", 1)
+        for line in (SYSTEMD / "agent.env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    argv = exec_start(ini, env)
+    assert argv[1] == "agent"
+    args = parse(argv, env)  # FCL_POLL_S and FCL_SETTLE_S of the env file reach the settings
+    assert isinstance(args, AgentSettings) and args.client_id == "edge-17"
+    parse_spec(args.model)
+    assert (args.poll_s, args.settle_s) == (float(env["FCL_POLL_S"]), float(env["FCL_SETTLE_S"]))
+    assert args.metrics_listen == env["FCL_METRICS_LISTEN"]
+    assert args.token is None and args.token_file == Path("/run/credentials/unit/token")
+    assert "token:/etc/fcl/clients/%i.token" in values["LoadCredential"]
+    state_dir = ini["Service"]["StateDirectory"].replace("%i", "edge-17")
+    assert args.work_dir == Path("/var/lib") / state_dir
+    client_ini, _ = unit("fcl-client@.service")
+    assert state_dir != client_ini["Service"]["StateDirectory"].replace("%i", "edge-17"), "own work dir"
+    assert ini["Service"]["EnvironmentFile"] == "/etc/fcl/agent-%i.env"
+
+
 def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     bindir = Path(shutil.which("fcl-server") or ROOT / ".venv/bin/fcl-server").parent
     if analyze is None or not (bindir / "fcl-client").exists():
         pytest.skip("systemd-analyze or the installed fcl commands are missing")
-    for name in ("fcl-server.service", "fcl-client@.service"):
+    for name in ("fcl-server.service", "fcl-client@.service", "fcl-agent@.service"):
         text = (SYSTEMD / name).read_text().replace("/opt/fcl/bin", str(bindir))
         (tmp_path / name).write_text(text)
-    (tmp_path / "fcl-client@edge-17.service").write_text((tmp_path / "fcl-client@.service").read_text())
+    for template in ("fcl-client", "fcl-agent"):
+        (tmp_path / f"{template}@edge-17.service").write_text((tmp_path / f"{template}@.service").read_text())
     out = subprocess.run(
-        [analyze, "verify", "--man=no", "fcl-server.service", "fcl-client@edge-17.service"],
+        [
+            analyze,
+            "verify",
+            "--man=no",
+            "fcl-server.service",
+            "fcl-client@edge-17.service",
+            "fcl-agent@edge-17.service",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -12,13 +12,17 @@ import pytest
 from common.settings import SettingsError, given_flags, load_settings
 from fcl_client.cli import build_parser as client_parser
 from fcl_client.cli import main as client_cli
-from fcl_client.settings import RunSettings
+from fcl_client.settings import AgentSettings, RunSettings
 from fcl_server.cli import build_parser as server_parser
 from fcl_server.cli import main as server_cli
 from fcl_server.settings import ServeSettings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-EXAMPLES = [(ServeSettings, DEPLOY / "server.example.toml"), (RunSettings, DEPLOY / "client.example.toml")]
+EXAMPLES = [
+    (ServeSettings, DEPLOY / "server.example.toml"),
+    (RunSettings, DEPLOY / "client.example.toml"),
+    (AgentSettings, DEPLOY / "agent.example.toml"),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -197,7 +201,7 @@ def test_commands_report_config_errors_and_exit_nonzero(
     assert "fcl-client: error: give the bearer token exactly one way" in err and "FCL_TOKEN" in err
 
 
-@pytest.mark.parametrize(("cls", "path"), EXAMPLES, ids=["server", "client"])
+@pytest.mark.parametrize(("cls", "path"), EXAMPLES, ids=["server", "client", "agent"])
 def test_example_files_load_validate_and_list_every_option(cls: type, path: Path) -> None:
     settings = load_settings(cls, {}, path)
     text = path.read_text()

@@ -1,4 +1,4 @@
-"""Write deploy/{server,client}.example.toml from the option models (run after adding an option)."""
+"""Write deploy/{server,client,agent}.example.toml from the option models (run after adding an option)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from common.settings import example_toml
-from fcl_client.settings import RunSettings
+from fcl_client.settings import AgentSettings, RunSettings
 from fcl_server.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,6 +16,9 @@ EXAMPLES = {
     ),
     ROOT / "deploy" / "client.example.toml": lambda: example_toml(
         RunSettings, "fcl-client run --config client.example.toml", set_keys=["token_file"]
+    ),
+    ROOT / "deploy" / "agent.example.toml": lambda: example_toml(
+        AgentSettings, "fcl-client agent --config agent.example.toml", set_keys=["token_file"]
     ),
 }
 
