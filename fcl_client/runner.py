@@ -167,6 +167,8 @@ class ClientRunner:
     ) -> None:
         task = stream[index]
         fresh = False  # an upload id made in this call: the server cannot hold any of its bytes yet
+        if progress.step == Step.UPLOADED:  # resumed: the server may have been restored since
+            self._check_upload_is_known(progress, learner)
         if progress.step < Step.TRAINED:
             feats = self._features(fm, [ex.text for ex in task.train])
             with self.bars.bar(f"training {task.name}", unit="epoch") as on_epoch:
@@ -207,6 +209,19 @@ class ClientRunner:
             )
             progress.step = Step.DONE
             self.store.save(progress, learner)
+
+    def _check_upload_is_known(self, progress: Progress, learner: Learner) -> None:
+        """A server restored from a backup taken before this upload does not know it, and its job id
+        may name another job: then upload the task's package again, under a new id."""
+        status = self.conn.upload_status(progress.upload_id)
+        if status.complete and status.receipt.job_id == progress.job_id:
+            return
+        self.say(
+            f"[{self.cfg.client_id}]   the server does not know upload {progress.upload_id} (job "
+            f"{progress.job_id}); it was restored from an earlier backup: uploading the package again"
+        )
+        progress.step, progress.upload_id, progress.job_id = Step.TRAINED, uuid.uuid4().hex, 0
+        self.store.save(progress, learner)
 
     @staticmethod
     def _job_fields(progress: Progress, learner: Learner) -> dict[str, object]:

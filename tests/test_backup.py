@@ -22,14 +22,18 @@ from pathlib import Path
 import pytest
 
 from benchmarks import pg
+from common.datasets.streams import load_task_stream
 from common.fm import FoundationModel
 from common.stubs.fcl.v1 import fcl_pb2 as pb
+from fcl_client import FclClient
 from fcl_client.connection import Connection
+from fcl_client.runner import ClientRunner
 from fcl_server.backup import MANIFEST
 from fcl_server.blobs import BlobStore
 from fcl_server.cli import main as server_cli
 from fcl_server.state import GLOBAL, PERSONAL, HeadVersion, Job, JobState, State
-from tests.servers import enroll, package_bytes, serve, wait_until
+from tests.servers import enroll, inprocess_server, package_bytes, serve, wait_until
+from tests.test_sdk import FAST, learn
 
 CLIENTS = {
     "edge-0": ["open_door", "close_door"],
@@ -361,3 +365,51 @@ def test_a_postgresql_backup_restores_only_into_an_empty_database(
         assert st.get_kv("blob_dir_token") == (tmp_path / "r" / "blobs" / ".fcl-blob-dir").read_text()
     finally:
         st.close()
+
+
+def test_a_client_waiting_on_a_job_the_restored_server_never_saw_uploads_its_task_again(
+    tmp_path: Path, fm: FoundationModel, small_split: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Restoring rewinds the server: a client killed while it waited on a later job resumes that task
+    by uploading it again, instead of stopping on a job id the server does not know (or another's)."""
+    stream = load_task_stream(small_split / "clients" / "client-0")
+    corpus = small_split / "public.txt"
+    first = inprocess_server(tmp_path / "a", fm, public_corpus=corpus)
+    first.state.add_token("tok-0", "client-0", False)
+    work, said = tmp_path / "work", []
+    try:
+        target = f"127.0.0.1:{first.port}"
+        with FclClient(target, "client-0", "tok-0", work, "linear", fm=fm, smcf=FAST) as client:
+            learn(client, stream[0])
+        code, _, err = cli("backup", str(tmp_path / "bk"), "--state-dir", str(tmp_path / "a" / "state"))
+        assert code == 0, err
+
+        def killed(*_: object, **__: object) -> int:  # the client dies while it waits on task 1's job
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            m.setattr(ClientRunner, "_await_head", killed)
+            client = FclClient(target, "client-0", "tok-0", work, "linear", fm=fm, smcf=FAST)
+            with client, pytest.raises(KeyboardInterrupt):
+                learn(client, stream[1])
+        lost_job = json.loads((work / "progress.json").read_text())["job_id"]
+        assert lost_job == 2
+    finally:
+        first.stop(grace=1)
+    restored = tmp_path / "b" / "state"
+    code, _, err = cli("restore", str(tmp_path / "bk"), "--state-dir", str(restored))
+    assert code == 0, err
+    second = inprocess_server(tmp_path / "b", fm, public_corpus=corpus)
+    try:
+        assert [j.job_id for j in second.state.jobs()] == [1]  # the backup was taken before job 2
+        target = f"127.0.0.1:{second.port}"
+        with FclClient(
+            target, "client-0", "tok-0", work, "linear", fm=fm, smcf=FAST, on_message=said.append
+        ) as client:
+            result = learn(client, stream[1])
+        assert any("does not know upload" in line and "uploading the package again" in line for line in said)
+        jobs = {j.job_id: j for j in second.state.jobs()}
+        assert jobs.keys() == {1, 2} and jobs[2].task_key == stream[1].name
+        assert jobs[2].state == JobState.DONE and result.personal_version == 2
+    finally:
+        second.stop(grace=1)
