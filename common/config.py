@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -37,6 +39,24 @@ class SMCFConfig(BaseModel):
         le=64,
         description="principal directions of each label's feature covariance kept",
     )
+
+
+class AbstentionConfig(BaseModel):
+    """Out-of-scope abstention (docs/abstention.md): how a threshold is calibrated, and whether at all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="calibrate abstention thresholds (off: never abstain)")
+    coverage: float = Field(
+        0.95, gt=0, le=1, description="fraction of held-out in-scope examples a threshold keeps"
+    )
+    holdout: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="client: fraction of a task's training data its calibration copy does not see",
+    )
+    score: Literal["msp", "energy"] = Field("msp", description="confidence score the threshold is on")
 
 
 class OBODConfig(BaseModel):
