@@ -320,7 +320,7 @@ class DistillationWorker:
         if not self.abstention.enabled:
             return None
         cfg = self.abstention
-        return calibrate_on_stats(head.model, head.labels, bank, cfg.coverage, cfg.score, seed=seed)
+        return calibrate_on_stats(head.model, head.labels, bank, cfg.stats_coverage, cfg.score, seed=seed)
 
     def _head_at(self, version: int) -> Head:
         found = self.state.head(GLOBAL, "", version)
