@@ -172,12 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path(".cache/bench"), help="FM feature cache")
     parser.add_argument("--coverage", type=float, default=AbstentionConfig().coverage)
     parser.add_argument("--score", choices=SCORES, default=AbstentionConfig().score)
+    parser.add_argument("--stats-coverage", type=float, default=AbstentionConfig().stats_coverage)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    abstention = AbstentionConfig(coverage=args.coverage, score=args.score)
+    abstention = AbstentionConfig(
+        coverage=args.coverage, score=args.score, stats_coverage=args.stats_coverage
+    )
     featurizer = Featurizer(FoundationModel(DEFAULT_FM, device="cpu"), args.cache)
     sc = clinc150(args.data, args.scenario, args.seed, featurizer, "test")
     raw = json.loads((args.data / "data_full.json").read_text())
