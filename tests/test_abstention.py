@@ -33,6 +33,7 @@ from common.stubs.fcl.v1 import fcl_pb2 as pb
 from common.stubs.fcl.v1 import fcl_pb2_grpc
 from common.zoo import parse_spec
 from fcl_client import FclClient
+from fcl_client import cli as client_cli
 from fcl_client.checkpoint import CheckpointStore
 from fcl_client.learner import Learner
 from fcl_server.classify import score_features
@@ -263,9 +264,10 @@ def test_classify_answers_out_of_scope_with_the_threshold_the_worker_calibrated(
 
 
 def test_the_client_calibrates_on_its_training_data_never_its_test_data(
-    tmp_path: Path, fm: FoundationModel, small_split: Path
+    tmp_path: Path, fm: FoundationModel, small_split: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Two runs with the same training data and different test data calibrate the same thresholds."""
+    """Two runs with the same training data and different test data calibrate the same thresholds; then
+    `fcl-client predict` on the first run's work dir."""
     from common.datasets.streams import load_task_stream
 
     task = load_task_stream(small_split / "clients" / "client-0")[0]
@@ -291,3 +293,28 @@ def test_the_client_calibrates_on_its_training_data_never_its_test_data(
     assert small_a is not None and personal_a is not None
     assert small_a.samples == len(holdout_split(labels, 0.2, 0)[1])  # a slice of the training data
     assert small_a == small_b and personal_a == personal_b
+    predict_prints_out_of_scope(tmp_path / "w0", capsys)
+
+
+def predict_prints_out_of_scope(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`fcl-client predict`: out_of_scope with the top label's probability where the head abstains (a
+    threshold above any probability here); `--no-abstain` and `--json` still give the ranking."""
+    store = CheckpointStore(work)
+    progress, learner = store.load()
+    assert learner is not None
+    learner.small_threshold = Threshold(1.5, source="holdout")
+    store.save(progress, learner)
+    assert client_cli.main(["predict", "--work-dir", str(work), "--top", "2", "open the door"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "open the door"
+    assert lines[1].strip().startswith(f"{OUT_OF_SCOPE}  (top label ") and "< threshold 1.500" in lines[1]
+    assert len(lines) == 2  # no ranking under it
+    assert (
+        client_cli.main(["predict", "--work-dir", str(work), "--top", "2", "--no-abstain", "open the door"])
+        == 0
+    )
+    raw = capsys.readouterr().out.splitlines()
+    assert len(raw) == 3 and OUT_OF_SCOPE not in "".join(raw)
+    assert client_cli.main(["predict", "--work-dir", str(work), "--json", "open the door"]) == 0
+    answer = json.loads(capsys.readouterr().out)[0]
+    assert answer["out_of_scope"] is True and len(answer["labels"]) == 5
