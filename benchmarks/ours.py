@@ -12,7 +12,7 @@ from benchmarks.scenario import Scenario
 from common.algorithms.obod import Head, JobOutcome, Teacher, run_job
 from common.algorithms.smcf import TaskData
 from common.algorithms.stats import StatsBank
-from common.config import OBODConfig, SMCFConfig
+from common.config import AbstentionConfig, OBODConfig, SMCFConfig
 from common.package import KnowledgePackage, decode_package, encode_package
 from common.zoo import parse_spec
 from fcl_client.learner import Learner
@@ -48,10 +48,14 @@ def client_rounds(sc: Scenario, seed: int, t: int) -> Iterator[tuple[str, TaskDa
         yield client, data, s
 
 
-def make_learners(sc: Scenario, specs: list[str]) -> dict[str, Learner]:
-    """One Learner per client, specs cycled by client index."""
+def make_learners(
+    sc: Scenario, specs: list[str], abstention: AbstentionConfig | None = None
+) -> dict[str, Learner]:
+    """One Learner per client, specs cycled by client index; abstention off unless asked for (its
+    calibration copy doubles a client's training, and accuracy does not depend on it)."""
+    cfg = abstention or AbstentionConfig(enabled=False)
     return {
-        c: Learner(parse_spec(specs[i % len(specs)]), sc.feature_dim, DIGEST)
+        c: Learner(parse_spec(specs[i % len(specs)]), sc.feature_dim, DIGEST, abstention=cfg)
         for i, c in enumerate(sc.clients)
     }
 
@@ -64,6 +68,7 @@ class Traffic:
 
 
 ServerJob = Callable[..., JobOutcome]
+Finished = Callable[[dict[str, Learner], Head | None, StatsBank], None]
 
 
 def run_ours(
@@ -74,10 +79,13 @@ def run_ours(
     obod: OBODConfig,
     specs: list[str],
     job: ServerJob = run_job,
+    abstention: AbstentionConfig | None = None,
+    finished: Finished | None = None,
 ) -> Traffic:
     """Every task: each client (in client order) trains with SMCF, uploads; the server `job` (OBOD unless
-    a rival replaces it) runs on each upload, in arrival order."""
-    learners = make_learners(sc, specs)
+    a rival replaces it) runs on each upload, in arrival order. With `abstention` the clients calibrate
+    thresholds as fcl-client does; `finished` is handed the learners, G and the bank at the end."""
+    learners = make_learners(sc, specs, abstention)
     global_head: Head | None = None
     bank = StatsBank(sc.feature_dim)
     traffic = Traffic()
@@ -105,6 +113,8 @@ def run_ours(
             },
             small={c: predictor(lr.model, lr.labels) for c, lr in active.items() if lr.model is not None},
         )
+    if finished is not None:
+        finished(learners, global_head, bank)
     return traffic
 
 

@@ -1,8 +1,9 @@
 """Knowledge packages: a model spec, its weights, label names and class statistics in one safetensors file.
 
 The file holds tensors `model.*` (weights) and optionally `stats.count/mean/std[/basis]`, and string metadata
-(`format`, `kind`, `spec`, `labels`, `counts`, `fm_digest`, `feature_dim`). Never pickle: a package is
-data, and `decode_package` validates every field against the model zoo before anything uses it.
+(`format`, `kind`, `spec`, `labels`, `counts`, `fm_digest`, `feature_dim`; a head's `abstention` threshold
+where it has one). Never pickle: a package is data, and `decode_package` validates every field against the
+model zoo before anything uses it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from common import wire_limits as wire
+from common.algorithms.abstention import AbstentionError, Threshold
 from common.algorithms.stats import MAX_RANK, StatsBank, StatsTensors
 from common.labels import RULE, label_problem
 from common.zoo import ModelSpec, SmallModel, SpecError, expected_shapes
@@ -58,6 +60,7 @@ class KnowledgePackage:
     kind: str = "small"
     counts: list[int] = field(default_factory=list)
     stats: StatsBank | None = None
+    abstention: Threshold | None = None  # a head's calibrated out-of-scope threshold (docs/abstention.md)
 
     def build(self) -> SmallModel:
         model = SmallModel(self.spec, self.feature_dim, len(self.labels))
@@ -73,10 +76,19 @@ class KnowledgePackage:
         kind: str = "small",
         counts: list[int] | None = None,
         stats: StatsBank | None = None,
+        abstention: Threshold | None = None,
     ) -> KnowledgePackage:
         weights = {k: v.detach().cpu().contiguous().float() for k, v in model.state_dict().items()}
         return cls(
-            model.spec, list(labels), weights, model.in_dim, fm_digest, kind, list(counts or []), stats
+            model.spec,
+            list(labels),
+            weights,
+            model.in_dim,
+            fm_digest,
+            kind,
+            list(counts or []),
+            stats,
+            abstention,
         )
 
 
@@ -99,6 +111,8 @@ def encode_package(pkg: KnowledgePackage) -> bytes:
         "fm_digest": pkg.fm_digest,
         "feature_dim": str(pkg.feature_dim),
     }
+    if pkg.abstention is not None:  # only then: a package without one stays byte-for-byte as before
+        metadata["abstention"] = pkg.abstention.to_json()
     return st_save(tensors, metadata=metadata)
 
 
@@ -287,9 +301,20 @@ def _decode(
         feature_dim,
         build,
     )
+    abstention = _parse_abstention(metadata.get("abstention"))
     return KnowledgePackage(
-        spec, labels, weights, feature_dim, metadata.get("fm_digest", ""), kind, counts, stats
+        spec, labels, weights, feature_dim, metadata.get("fm_digest", ""), kind, counts, stats, abstention
     )
+
+
+def _parse_abstention(text: str | None) -> Threshold | None:
+    """The optional `abstention` metadata (a head's threshold); absent in older packages: never abstain."""
+    if text is None:
+        return None
+    try:
+        return Threshold.from_json(text)
+    except AbstentionError as exc:
+        raise PackageError(f"package abstention threshold is malformed: {exc}") from exc
 
 
 def metadata_bytes(metadata: Mapping[str, str]) -> int:

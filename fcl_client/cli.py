@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 from pydantic import ValidationError
 
+from common.algorithms.abstention import OUT_OF_SCOPE
 from common.datasets.records import DataFormatError
 from common.fm import FoundationModelError
 from common.logs import setup_logging
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--head", choices=["small", "personal"], default="small")
     predict.add_argument("--top", type=int, default=5)
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    predict.add_argument(
+        "--no-abstain",
+        action="store_true",
+        help="show the raw ranking even where the head abstains (out_of_scope, docs/abstention.md)",
+    )
     predict.add_argument("texts", nargs="+")
 
     serve = sub.add_parser(
@@ -137,21 +143,39 @@ def agent(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     fm, learner = load_trained(args.work_dir)
-    results = learner.predict(fm.encode(args.texts), top=args.top, head=args.head)
+    abstain = not args.no_abstain
+    results = learner.predict_scoped(fm.encode(args.texts), top=args.top, head=args.head, abstain=abstain)
+    if abstain and learner.threshold(args.head) is None:
+        print(
+            f"fcl-client: the {args.head} model has no abstention threshold (trained before abstention, "
+            "or with it off): it never answers out_of_scope",
+            file=sys.stderr,
+        )
     if args.json:
         print(
             json.dumps(
                 [
-                    {"text": t, "labels": [{"label": y, "p": p} for y, p in r]}
+                    {
+                        "text": t,
+                        "out_of_scope": r.out_of_scope,
+                        "labels": [{"label": y, "p": p} for y, p in r.ranked],
+                    }
                     for t, r in zip(args.texts, results, strict=True)
                 ],
                 indent=1,
             )
         )
         return 0
-    for text, ranked in zip(args.texts, results, strict=True):
+    for text, result in zip(args.texts, results, strict=True):
         print(text)
-        for label, prob in ranked:
+        if result.out_of_scope and result.threshold is not None:
+            label, prob = result.ranked[0]
+            print(
+                f"  {OUT_OF_SCOPE}  (top label {label} {prob:.3f}; {result.threshold.score} "
+                f"{result.confidence:.3f} < threshold {result.threshold.value:.3f})"
+            )
+            continue
+        for label, prob in result.ranked:
             print(f"  {prob:6.3f}  {label}")
     return 0
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,13 +13,24 @@ from pathlib import Path
 
 import torch
 
+from common.algorithms.abstention import Threshold, abstains, calibrate, confidence, holdout_split
 from common.algorithms.obod import Head
 from common.algorithms.smcf import AssistHead, TaskData, consolidate, snapshot, train_task
 from common.algorithms.stats import StatsBank
-from common.config import SMCFConfig
+from common.config import AbstentionConfig, SMCFConfig
 from common.metrics import head_accuracy
 from common.package import KnowledgePackage, decode_package, decode_stats, encode_package, encode_stats
 from common.zoo import ModelSpec, SmallModel
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One text's ranking, and whether the head abstains on it (its confidence below the threshold)."""
+
+    ranked: list[tuple[str, float]]
+    out_of_scope: bool
+    confidence: float  # the threshold's score (top probability for msp); nan without a threshold
+    threshold: Threshold | None
 
 
 @dataclass
@@ -32,6 +45,11 @@ class Learner:
     task_counts: dict[str, int] = field(default_factory=dict)
     personal: Head | None = None
     personal_version: int = 0
+    abstention: AbstentionConfig = field(default_factory=AbstentionConfig)  # how to calibrate (not saved)
+    small_threshold: Threshold | None = None  # the small model's, from the last task's held-out slice
+    personal_threshold: Threshold | None = None  # P_c's, calibrated here on the same slice
+    calibration_s: float = 0.0  # seconds the last task's calibration copy took (its cost)
+    _holdout: TaskData | None = field(default=None, repr=False)  # the last task's held-out slice
 
     def __post_init__(self) -> None:
         self.bank = self.bank or StatsBank(self.feature_dim)
@@ -53,13 +71,75 @@ class Learner:
             self.model = SmallModel(self.spec, self.feature_dim, len(self.labels))
         self.model.grow(len(self.labels))
         assist = AssistHead(self.personal.model, self.personal.labels) if self.personal else None
+        before = copy.deepcopy(self.model) if self.abstention.enabled else None
         train_task(
             self.model, self.labels, TaskData(features, labels), self.bank, cfg, prev, assist, seed, on_epoch
         )
+        if before is not None:
+            self.small_threshold = self._calibration_copy(before, features, labels, cfg, prev, assist, seed)
         self.task_bank = StatsBank(self.feature_dim, cfg.stats_rank)
         self.task_bank.add_features(features, labels)
         self.task_counts = dict(Counter(labels))
         self.bank.merge_bank(self.task_bank)
+
+    def holdout(self, features: torch.Tensor, labels: list[str], seed: int = 0) -> TaskData:
+        """The task's held-out slice (deterministic in `seed`): what thresholds are calibrated on."""
+        _, held = holdout_split(labels, self.abstention.holdout, seed)
+        rows = torch.tensor(held, dtype=torch.long)
+        return TaskData(features[rows], [labels[i] for i in held])
+
+    def _calibration_copy(
+        self,
+        before: SmallModel,
+        features: torch.Tensor,
+        labels: list[str],
+        cfg: SMCFConfig,
+        prev: SmallModel | None,
+        assist: AssistHead | None,
+        seed: int,
+    ) -> Threshold | None:
+        """The small model's threshold: a copy of it as it was before this task, trained the same way on
+        all but a held-out slice, scores that slice. The model itself has learnt from every example, so it
+        is a little more confident than the copy: the threshold errs towards answering (docs/abstention.md).
+        Costs a second training of the task; the global RNG is left as it was, so the model is unchanged."""
+        started = time.perf_counter()
+        train_rows, held = holdout_split(labels, self.abstention.holdout, seed)
+        self._holdout = None
+        if not held:
+            return None
+        rows = torch.tensor(train_rows, dtype=torch.long)
+        assert self.bank is not None
+        with torch.random.fork_rng(devices=[]):
+            train_task(
+                before,
+                self.labels,
+                TaskData(features[rows], [labels[i] for i in train_rows]),
+                self.bank,
+                cfg,
+                prev,
+                assist,
+                seed,
+            )
+        self._holdout = self.holdout(features, labels, seed)
+        device = next(before.parameters()).device
+        with torch.no_grad():
+            logits = before(self._holdout.features.to(device)).cpu()
+        self.calibration_s = time.perf_counter() - started
+        return calibrate(logits, self.abstention.coverage, self.abstention.score, "holdout")
+
+    def calibrate_personal(self, held: TaskData | None = None) -> Threshold | None:
+        """P_c's threshold on the task's held-out slice (given, or kept from `train` in this process).
+
+        Those examples reached P_c only through their label's mean and covariance, never as inputs."""
+        held = held if held is not None else self._holdout
+        if not self.abstention.enabled or self.personal is None or held is None or not held.labels:
+            return self.personal_threshold
+        with torch.no_grad():
+            logits = self.personal.model(held.features).cpu()
+        self.personal_threshold = calibrate(
+            logits, self.abstention.coverage, self.abstention.score, "holdout"
+        )
+        return self.personal_threshold
 
     def package(self, cfg: SMCFConfig, seed: int = 0) -> KnowledgePackage:
         """What leaves the client: spec, weights, label names, class counts and (optionally) statistics."""
@@ -75,14 +155,19 @@ class Learner:
 
     def set_personal(self, data: bytes, version: int) -> None:
         pkg = decode_package(data)
-        self.personal = Head(pkg.build(), pkg.labels)
+        self.personal = Head(pkg.build(), pkg.labels, pkg.abstention)
         self.personal_version = version
 
-    def absorb_personal(self, head: Head, version: int, cfg: SMCFConfig, seed: int = 0) -> None:
-        """Install a newly received P_c and (with cfg.consolidate_steps) pull the small model towards it."""
+    def absorb_personal(
+        self, head: Head, version: int, cfg: SMCFConfig, seed: int = 0, held: TaskData | None = None
+    ) -> None:
+        """Install a newly received P_c and (with cfg.consolidate_steps) pull the small model towards it;
+        then calibrate P_c's threshold on the task's held-out slice (`held`, or the one `train` kept)."""
         self.personal, self.personal_version = head, version
+        self.personal_threshold = None  # the old one was P_c's previous weights'
         if self.model is not None and self.bank is not None:
             consolidate(self.model, self.labels, self.bank, AssistHead(head.model, head.labels), cfg, seed)
+        self.calibrate_personal(held)
 
     # -- evaluation and prediction ---------------------------------------------------------------
     def small_accuracy(self, features: torch.Tensor, labels: list[str]) -> float:
@@ -95,10 +180,16 @@ class Learner:
             return None
         return head_accuracy(self.personal.model, self.personal.labels, features, labels)
 
-    @torch.no_grad()
-    def predict(
-        self, features: torch.Tensor, top: int = 5, head: str = "small"
-    ) -> list[list[tuple[str, float]]]:
+    def threshold(self, head: str = "small") -> Threshold | None:
+        """The abstention threshold `head` answers with: this client's own calibration, else (P_c) the
+        server's; None = never abstain (e.g. a checkpoint from before abstention existed)."""
+        if head == "small":
+            return self.small_threshold
+        if self.personal_threshold is not None:
+            return self.personal_threshold
+        return self.personal.abstention if self.personal is not None else None
+
+    def _head(self, head: str) -> tuple[torch.nn.Module, list[str]]:
         model, names = (
             (self.model, self.labels)
             if head == "small"
@@ -106,11 +197,30 @@ class Learner:
         )
         if model is None:
             raise RuntimeError(f"no {head} model yet: run at least one task first")
-        probs = torch.softmax(model(features), dim=1)
+        return model, names
+
+    @torch.no_grad()
+    def predict(
+        self, features: torch.Tensor, top: int = 5, head: str = "small"
+    ) -> list[list[tuple[str, float]]]:
+        """The raw top-`top` ranking of each row (no abstention)."""
+        return [p.ranked for p in self.predict_scoped(features, top, head, abstain=False)]
+
+    @torch.no_grad()
+    def predict_scoped(
+        self, features: torch.Tensor, top: int = 5, head: str = "small", abstain: bool = True
+    ) -> list[Prediction]:
+        """Rankings with an out-of-scope verdict per row (never with `abstain` False or no threshold)."""
+        model, names = self._head(head)
+        logits = model(features)
+        probs = torch.softmax(logits, dim=1)
         values, idx = probs.topk(min(top, probs.shape[1]), dim=1)
+        threshold = self.threshold(head) if abstain else None
+        out = abstains(logits, threshold).tolist()
+        conf = confidence(logits, threshold.score).tolist() if threshold else [float("nan")] * len(out)
         return [
-            [(names[int(i)], float(v)) for v, i in zip(vs, ids, strict=True)]
-            for vs, ids in zip(values, idx, strict=True)
+            Prediction([(names[int(i)], float(v)) for v, i in zip(vs, ids, strict=True)], o, c, threshold)
+            for vs, ids, o, c in zip(values, idx, out, conf, strict=True)
         ]
 
     # -- checkpoint ------------------------------------------------------------------------------
@@ -129,7 +239,11 @@ class Learner:
                 directory / "personal.safetensors",
                 encode_package(
                     KnowledgePackage.from_model(
-                        self.personal.model, self.personal.labels, self.fm_digest, "head"
+                        self.personal.model,
+                        self.personal.labels,
+                        self.fm_digest,
+                        "head",
+                        abstention=self.personal.abstention,
                     )
                 ),
             )
@@ -140,6 +254,10 @@ class Learner:
             "labels": self.labels,
             "personal_version": self.personal_version,
             "task_counts": self.task_counts,
+            "abstention": {
+                "small": _threshold_dict(self.small_threshold),
+                "personal": _threshold_dict(self.personal_threshold),
+            },
         }
         _atomic_write(directory / "meta.json", json.dumps(meta, indent=1).encode())
 
@@ -161,7 +279,18 @@ class Learner:
             learner.set_personal(
                 (directory / "personal.safetensors").read_bytes(), int(meta["personal_version"])
             )
+        thresholds = meta.get("abstention", {})  # absent in checkpoints from before abstention
+        learner.small_threshold = _threshold_of(thresholds.get("small"))
+        learner.personal_threshold = _threshold_of(thresholds.get("personal"))
         return learner
+
+
+def _threshold_dict(threshold: Threshold | None) -> dict[str, object] | None:
+    return None if threshold is None else json.loads(threshold.to_json())
+
+
+def _threshold_of(raw: object) -> Threshold | None:
+    return None if raw is None else Threshold.from_dict(raw)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -14,7 +14,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.algorithms.obod import Head
-from common.config import SMCFConfig
+from common.algorithms.smcf import TaskData
+from common.config import AbstentionConfig, SMCFConfig
 from common.datasets.streams import Task, load_task_stream
 from common.fm import (
     DEFAULT_FM,
@@ -57,6 +58,7 @@ class ClientConfig(BaseModel):
     fm_prompt: str | None = None
     fm_dtype: FMDtype = "float32"  # precision of feature extraction on this node (not part of the digest)
     smcf: SMCFConfig = Field(default_factory=SMCFConfig)
+    abstention: AbstentionConfig = Field(default_factory=AbstentionConfig)  # out-of-scope thresholds
     seed: int = 0
     timeout: float = 60.0
     tls_ca: Path | None = None
@@ -117,6 +119,7 @@ class ClientRunner:
             fm = self.resolve_fm()
             progress, learner = self.store.load()
             learner = learner or Learner(self.spec, fm.feature_dim, fm.digest)
+            learner.abstention = self.cfg.abstention  # a run's setting, not the checkpoint's
             if learner.fm_digest != fm.digest:
                 raise FoundationModelError(
                     f"the checkpoint in {self.cfg.work_dir} was trained on another FM "
@@ -184,6 +187,13 @@ class ClientRunner:
             self.store.save_upload(progress.upload_id, encode_package(package))
             self.store.save(progress, learner)
             self.say(f"[{self.cfg.client_id}]   trained small model ({len(learner.labels)} labels seen)")
+            if learner.small_threshold is not None:
+                t = learner.small_threshold
+                self.say(
+                    f"[{self.cfg.client_id}]   abstention threshold {t.score} {t.value:.3f} "
+                    f"(keeps {t.coverage:.0%} of {t.samples} held-out examples; calibration copy "
+                    f"{learner.calibration_s:.1f}s)"
+                )
         if progress.step < Step.UPLOADED:
             data = self.store.load_upload(progress.upload_id) or encode_package(
                 learner.package(self.cfg.smcf, seed=self.cfg.seed * 1000 + index)
@@ -197,7 +207,15 @@ class ClientRunner:
             self.store.drop_upload(progress.upload_id)
             self.say(f"[{self.cfg.client_id}]   uploaded {len(data)} bytes, job {receipt.job_id}")
         if progress.step < Step.DOWNLOADED:
-            progress.bytes_down = self._await_head(progress, learner)
+            # P_c is calibrated on the task's held-out training slice: re-derived (cached features, the
+            # same seed) so a client restarted while waiting calibrates on the same rows; never test data
+            held = None
+            if learner.abstention.enabled:
+                train_feats = self._features(fm, [ex.text for ex in task.train])
+                held = learner.holdout(
+                    train_feats, [ex.label for ex in task.train], self.cfg.seed * 1000 + index
+                )
+            progress.bytes_down = self._await_head(progress, learner, held)
             progress.step = Step.DOWNLOADED
             self.store.save(progress, learner)
         if progress.step < Step.DONE:
@@ -233,7 +251,7 @@ class ClientRunner:
             "personal_version": learner.personal_version,
         }
 
-    def _await_head(self, progress: Progress, learner: Learner) -> int:
+    def _await_head(self, progress: Progress, learner: Learner, held: TaskData | None = None) -> int:
         """Wait for the task's job; install the personalised head it produced. Returns bytes downloaded."""
         event = self.conn.watch_job(progress.job_id, on_event=self._show_event)
         progress.job_state, progress.global_version = pb.JobState.Name(event.state), event.global_version
@@ -248,7 +266,9 @@ class ClientRunner:
         header, data = self.conn.get_knowledge(pb.HEAD_SCOPE_PERSONAL, event.personal_version)
         pkg = decode_package(data)
         seed = self.cfg.seed * 1000 + progress.task_index
-        learner.absorb_personal(Head(pkg.build(), pkg.labels), header.version, self.cfg.smcf, seed)
+        learner.absorb_personal(
+            Head(pkg.build(), pkg.labels, pkg.abstention), header.version, self.cfg.smcf, seed, held
+        )
         self.say(f"[{self.cfg.client_id}]   personalised head v{header.version} ({header.num_labels} labels)")
         return len(data)
 

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from common.config import OBODConfig
+from common.config import AbstentionConfig, OBODConfig
 from common.fm import DEFAULT_FM, FoundationModel, default_device
 from common.fm_encoding import EncodingOverrides, FMDtype, PoolingMode
 from common.fm_options import fm_dtype_field, fm_max_length_field, fm_pooling_field, fm_prompt_field
@@ -92,6 +92,8 @@ class ServerConfig(BaseModel):
     worker_nice: int = Field(10, ge=0, le=19, description="niceness added to the distillation worker")
     worker_yield_s: float = Field(5.0, ge=0, description="most a job pauses for in-flight uploads")
     obod: OBODConfig = Field(default_factory=OBODConfig)
+    # thresholds of G and each P_c, calibrated on the statistics bank (docs/abstention.md)
+    abstention: AbstentionConfig = Field(default_factory=AbstentionConfig)
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     uploads_per_minute: int = Field(60, ge=0, description="per client; 0 disables the limit")
     upload_mb_per_hour: int = Field(1024, ge=0, description="MiB uploaded per client per hour; 0: no limit")
@@ -321,6 +323,7 @@ def create_server(config: ServerConfig, fm: FoundationModel | None = None) -> Ru
         max_yield_s=config.worker_yield_s,
         worker_id=worker_id,
         lease_s=config.lease_s,
+        abstention=config.abstention,
     )
     metrics.watch_state(state, lambda: worker.busy)
 

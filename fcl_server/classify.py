@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from common import wire_limits as wire
+from common.algorithms.abstention import Threshold, abstains, confidence
 from common.algorithms.obod import Head
 from common.labels import normalize_text, text_problem
 from common.package import PackageError, decode_package
@@ -62,6 +63,15 @@ class LabelScore:
 
 
 @dataclass(frozen=True)
+class TextResult:
+    """One text's answer: the top labels, and whether the head abstains (docs/abstention.md)."""
+
+    labels: list[LabelScore]  # most probable first
+    out_of_scope: bool = False  # the head's confidence is below its threshold (never without one)
+    confidence: float = 0.0  # the threshold's score of the text (0 without a threshold)
+
+
+@dataclass(frozen=True)
 class Prepared:
     """A checked query and the head that will answer it."""
 
@@ -74,7 +84,8 @@ class Prepared:
 @dataclass(frozen=True)
 class Classification:
     version: HeadVersion  # the head that answered
-    results: list[list[LabelScore]]  # per text, in request order, most probable first
+    results: list[TextResult]  # per text, in request order
+    abstention: Threshold | None = None  # the head's threshold (None: published before abstention)
 
 
 def checked_texts(texts: Sequence[str]) -> list[str]:
@@ -147,6 +158,22 @@ def _no_head_yet(scope: str, owner: str) -> str:
     )
 
 
+def score_features(head: Head, features: torch.Tensor, top_k: int) -> list[TextResult]:
+    """The head's top-k labels per feature row, and its out-of-scope verdict where it has a threshold."""
+    logits = head.model(features)
+    probs = torch.softmax(logits, dim=1)
+    values, index = probs.topk(min(top_k, probs.shape[1]), dim=1)
+    threshold = head.abstention
+    out = abstains(logits, threshold).tolist()
+    conf = confidence(logits, threshold.score).tolist() if threshold else [0.0] * len(out)
+    return [
+        TextResult(
+            [LabelScore(head.labels[int(i)], float(v)) for v, i in zip(row_v, row_i, strict=True)], o, c
+        )
+        for row_v, row_i, o, c in zip(values.tolist(), index.tolist(), out, conf, strict=True)
+    ]
+
+
 class HeadCache:
     """Decoded heads by (scope, owner), each with the version it is: a call whose head is cached reads
     no blob, and a newer version (published by any process: the database says) replaces the old one."""
@@ -188,7 +215,13 @@ class HeadCache:
             f" of {found.client_id}" if found.client_id else "",
             len(pkg.labels),
         )
-        return Head(pkg.build(), list(pkg.labels))
+        if pkg.abstention is None:
+            log.info(
+                "%s head v%d has no abstention threshold: it never answers out_of_scope",
+                found.scope,
+                found.version,
+            )
+        return Head(pkg.build(), list(pkg.labels), pkg.abstention)
 
     def _evict(self, keep: tuple[str, str]) -> None:
         total = sum(size for _, _, size in self._heads.values())
@@ -255,16 +288,10 @@ class Classifier:
         return Prepared(found, self.heads.get(found), texts, top_k)
 
     @torch.inference_mode()
-    def predict(self, prepared: Prepared) -> list[list[LabelScore]]:
+    def predict(self, prepared: Prepared) -> list[TextResult]:
         """Encode with the server's FM and score with the head; runs on `executor` (one call at a time)."""
         features = self._encoder().encode(prepared.texts, batch_size=ENCODE_BATCH)
-        head = prepared.head
-        probs = torch.softmax(head.model(features), dim=1)
-        values, index = probs.topk(min(prepared.top_k, probs.shape[1]), dim=1)
-        return [
-            [LabelScore(head.labels[int(i)], float(v)) for v, i in zip(row_v, row_i, strict=True)]
-            for row_v, row_i in zip(values.tolist(), index.tolist(), strict=True)
-        ]
+        return score_features(prepared.head, features, prepared.top_k)
 
     def _encoder(self) -> FoundationModel:
         """The server's FM (the same weights and encoding) with a tokenizer of its own: a Hugging Face fast

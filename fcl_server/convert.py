@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from common.algorithms.abstention import Threshold
 from common.stubs.fcl.v1 import fcl_pb2 as pb
 from fcl_server.classify import Classification, ClassifyQuery
 from fcl_server.errors import InvalidArgument
@@ -118,9 +119,25 @@ def classify_response(result: Classification) -> pb.ClassifyResponse:
         head_version=head.version,
         num_labels=head.num_labels,
         results=[
-            pb.TextLabels(labels=[pb.LabelScore(label=s.label, probability=s.probability) for s in row])
+            pb.TextLabels(
+                labels=[pb.LabelScore(label=s.label, probability=s.probability) for s in row.labels],
+                out_of_scope=row.out_of_scope,
+                confidence=row.confidence,
+            )
             for row in result.results
         ],
+        abstention=_abstention(result.abstention),
+    )
+
+
+def _abstention(threshold: Threshold | None) -> pb.Abstention | None:
+    if threshold is None:
+        return None
+    return pb.Abstention(
+        score=threshold.score,
+        threshold=threshold.value,
+        coverage=threshold.coverage,
+        calibrated_on=threshold.source,
     )
 
 

@@ -348,7 +348,7 @@ class FclServicer(fcl_pb2_grpc.FclServiceServicer):
             # the encode waits for the one encoder thread on the loop: no RPC thread is held meanwhile
             loop = asyncio.get_running_loop()
             results = await loop.run_in_executor(classifier.executor, classifier.predict, prepared)
-        return convert.classify_response(Classification(prepared.version, results))
+        return convert.classify_response(Classification(prepared.version, results, prepared.head.abstention))
 
     @maps_domain_errors
     async def GetStatus(

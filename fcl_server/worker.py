@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from common.algorithms.abstention import Threshold, calibrate_on_stats
 from common.algorithms.obod import (
     Cancelled,
     Head,
@@ -22,7 +23,7 @@ from common.algorithms.obod import (
     undescribed_labels,
 )
 from common.algorithms.stats import StatsBank
-from common.config import OBODConfig
+from common.config import AbstentionConfig, OBODConfig
 from common.logs import fields
 from common.package import KnowledgePackage, decode_package, decode_stats, encode_package, encode_stats
 from fcl_server.blobs import BlobStore
@@ -71,8 +72,10 @@ class DistillationWorker:
         worker_id: str = "",
         lease_s: float = DEFAULT_LEASE_S,
         poll_s: float = 1.0,
+        abstention: AbstentionConfig | None = None,
     ) -> None:
         self.state, self.blobs, self.fm_host, self.cfg = state, blobs, fm_host, cfg
+        self.abstention = abstention or AbstentionConfig()
         self.nice = nice
         # uploads are waited on by clients, a job only by the queue: the job pauses between steps while
         # uploads are in flight, for at most max_yield_s in all, so a busy server still distils
@@ -292,6 +295,7 @@ class DistillationWorker:
             current, based_on = self._global_head()
             step = global_step(current, self._bank(), teacher, pkg.stats, public, self.cfg, seed, cancel)
             head, bank, synth = step.global_head, step.bank, step.synth
+            head.abstention = self._threshold(head, bank, seed)
             digest = self.fm_host.info.digest
             g_blob = self.blobs.put_bytes(encode_package(_head_package(head, digest)))
             bank_blob = self.blobs.put_bytes(encode_stats(bank)) if bank.stats else None
@@ -307,8 +311,17 @@ class DistillationWorker:
             synth = synthesise(teacher, undescribed_labels(teacher, pkg.stats), public, self.cfg, seed)
         # from here on the next upload's global step may run on another worker
         personal = personalise(head, teacher, public, bank, self.cfg, seed, cancel, synth)
+        personal.abstention = self._threshold(personal, bank, seed + 1)
         p_blob = self.blobs.put_bytes(encode_package(_head_package(personal, self.fm_host.info.digest)))
         return version, self.state.complete_personal(job, p_blob, len(personal.labels), self.worker_id)
+
+    def _threshold(self, head: Head, bank: StatsBank, seed: int) -> Threshold | None:
+        """The head's abstention threshold on fresh pseudo-features of the bank (the server holds no
+        held-out data); None where abstention is off or the bank describes none of its labels."""
+        if not self.abstention.enabled:
+            return None
+        cfg = self.abstention
+        return calibrate_on_stats(head.model, head.labels, bank, cfg.stats_coverage, cfg.score, seed=seed)
 
     def _head_at(self, version: int) -> Head:
         found = self.state.head(GLOBAL, "", version)
@@ -336,7 +349,9 @@ class DistillationWorker:
 
 
 def _head_package(head: Head, fm_digest: str) -> KnowledgePackage:
-    return KnowledgePackage.from_model(head.model.cpu(), head.labels, fm_digest, kind="head")
+    return KnowledgePackage.from_model(
+        head.model.cpu(), head.labels, fm_digest, kind="head", abstention=head.abstention
+    )
 
 
 def default_worker_id(role: str) -> str:

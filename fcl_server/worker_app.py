@@ -73,6 +73,7 @@ def create_worker(
         worker_id=worker_id or default_worker_id("worker"),
         lease_s=config.lease_s,
         poll_s=POLL_S,
+        abstention=config.abstention,
     )
     worker.start()
     log.info("fcl-server worker %s on %s, FM %s %s", worker.worker_id, state.url, fm.name, fm.digest[:12])

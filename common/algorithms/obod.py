@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from common.algorithms.abstention import Threshold
 from common.algorithms.losses import adam, column_index, kd_loss
 from common.algorithms.stats import StatsBank
 from common.algorithms.transfer import Synthesised, invert_teacher, synthetic_stats
@@ -23,8 +24,10 @@ class Head:
 
     model: SmallModel
     labels: list[str]
+    abstention: Threshold | None = None  # calibrated for this model's weights only (None: never abstain)
 
     def copy(self) -> Head:
+        """A copy to train further: without the threshold, which belongs to these weights."""
         return Head(copy.deepcopy(self.model), list(self.labels))
 
 

@@ -938,6 +938,15 @@ class TextLabels(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LABELS_FIELD_NUMBER: _builtins.int
+    OUT_OF_SCOPE_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    out_of_scope: _builtins.bool
+    """the head abstains: its confidence in the top label is below its calibrated threshold, so the text
+    is taken to belong to none of its labels (labels still holds the ranking). Always false where the
+    response has no abstention (docs/abstention.md)
+    """
+    confidence: _builtins.float
+    """the threshold's score of this text (0 without abstention)"""
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelScore]:
         """top_k of them, most probable first"""
@@ -946,14 +955,51 @@ class TextLabels(_message.Message):
         self,
         *,
         labels: _abc.Iterable[Global___LabelScore] | None = ...,
+        out_of_scope: _builtins.bool = ...,
+        confidence: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "labels", b"labels", "out_of_scope", b"out_of_scope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TextLabels: _TypeAlias = TextLabels  # noqa: Y015
+
+@_typing.final
+class Abstention(_message.Message):
+    """How a head decides out_of_scope: `score` below `threshold`, calibrated so that `coverage` of held-out
+    in-scope examples (for server heads: fresh pseudo-features of the statistics bank) are answered.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    COVERAGE_FIELD_NUMBER: _builtins.int
+    CALIBRATED_ON_FIELD_NUMBER: _builtins.int
+    score: _builtins.str
+    """"msp" (top softmax probability) or "energy" (logsumexp of the logits)"""
+    threshold: _builtins.float
+    coverage: _builtins.float
+    """e.g. 0.95"""
+    calibrated_on: _builtins.str
+    """e.g. "stats" """
+    def __init__(
+        self,
+        *,
+        score: _builtins.str = ...,
+        threshold: _builtins.float = ...,
+        coverage: _builtins.float = ...,
+        calibrated_on: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibrated_on", b"calibrated_on", "coverage", b"coverage", "score", b"score", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Abstention: _TypeAlias = Abstention  # noqa: Y015
 
 @_typing.final
 class ClassifyResponse(_message.Message):
@@ -964,6 +1010,7 @@ class ClassifyResponse(_message.Message):
     HEAD_VERSION_FIELD_NUMBER: _builtins.int
     NUM_LABELS_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
+    ABSTENTION_FIELD_NUMBER: _builtins.int
     scope: Global___HeadScope.ValueType
     """the head that answered ..."""
     client_id: _builtins.str
@@ -976,6 +1023,10 @@ class ClassifyResponse(_message.Message):
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TextLabels]:
         """one per request text, in request order"""
 
+    @_builtins.property
+    def abstention(self) -> Global___Abstention:
+        """the answering head's threshold; unset for a head published before abstention: it never abstains"""
+
     def __init__(
         self,
         *,
@@ -984,10 +1035,11 @@ class ClassifyResponse(_message.Message):
         head_version: _builtins.int = ...,
         num_labels: _builtins.int = ...,
         results: _abc.Iterable[Global___TextLabels] | None = ...,
+        abstention: Global___Abstention | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abstention", b"abstention"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "head_version", b"head_version", "num_labels", b"num_labels", "results", b"results", "scope", b"scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstention", b"abstention", "client_id", b"client_id", "head_version", b"head_version", "num_labels", b"num_labels", "results", b"results", "scope", b"scope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
