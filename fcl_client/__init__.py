@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fcl_client.sdk import FclClient, Prediction, Registration, TaskResult
 
-__all__ = ["FclClient", "Prediction", "Registration", "TaskResult"]
+__all__ = ["FclClient", "Prediction", "Registration", "ScopedPrediction", "TaskResult"]
 
 
 def __getattr__(name: str) -> Any:

@@ -65,6 +65,11 @@ class PredictRequest(BaseModel):
         "small",
         description="small: this node's small model; personal: the personalised FM head from the server",
     )
+    abstain: bool = Field(
+        True,
+        description="mark texts below the head's calibrated confidence threshold out_of_scope "
+        "(false: rankings only)",
+    )
 
     @field_validator("texts")
     @classmethod
@@ -86,7 +91,12 @@ class LabelScore(BaseModel):
 class TextResult(BaseModel):
     labels: list[LabelScore] = Field(description="most probable first")
     out_of_scope: bool = Field(
-        False, description="the learner abstained on this text (its top label is `out_of_scope`)"
+        False,
+        description="the head abstains on this text: its confidence is below the head's calibrated "
+        "threshold (the ranking is still given)",
+    )
+    confidence: float | None = Field(
+        None, description="the threshold's score for this text (top probability); null without a threshold"
     )
 
 
@@ -99,6 +109,11 @@ class PredictResponse(BaseModel):
     snapshot: int = Field(ge=0, description="the checkpoint snapshot that answered (work dir checkpoints/)")
     num_labels: int = Field(ge=0, description="labels the head knows")
     results: list[TextResult] = Field(description="one per text, in request order")
+    threshold: float | None = Field(
+        None,
+        description="the head's abstention threshold (null: it has none and never abstains, or "
+        "abstain was false)",
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -142,9 +157,11 @@ def prediction_response(prediction: Prediction) -> PredictResponse:
             TextResult(
                 labels=[LabelScore(label=s.label, probability=s.probability) for s in r.labels],
                 out_of_scope=r.out_of_scope,
+                confidence=r.confidence,
             )
             for r in prediction.results
         ],
+        threshold=prediction.threshold.value if prediction.threshold else None,
     )
 
 
@@ -215,7 +232,7 @@ def create_app(
         summary="Top labels of each text, from the small model or the personalised head",
     )
     async def predict(request: PredictRequest) -> PredictResponse:
-        future = predictor.submit(request.texts, request.top_k, request.head)
+        future = predictor.submit(request.texts, request.top_k, request.head, request.abstain)
         try:
             prediction = await asyncio.wrap_future(future)
         except NoHeadYet as exc:

@@ -87,6 +87,15 @@ class Prediction(NamedTuple):
     p: float
 
 
+@dataclass(frozen=True)
+class ScopedPrediction:
+    """One text's ranking, and whether the head abstains on it (docs/abstention.md)."""
+
+    labels: list[Prediction]  # most probable first, abstaining or not
+    out_of_scope: bool  # the head's confidence is below its calibrated threshold
+    confidence: float | None  # that confidence (top probability); None when the head has no threshold
+
+
 class FclClient:
     """A federated continual-learning edge client, for use from Python.
 
@@ -268,6 +277,26 @@ class FclClient:
         fm, learner = self._trained()
         ranked = learner.predict(fm.encode(list(texts)), top=top, head=head)
         return [[Prediction(label, p) for label, p in row] for row in ranked]
+
+    def predict_scoped(
+        self,
+        texts: Sequence[str],
+        top: int = 5,
+        head: Literal["small", "personal"] = "small",
+        abstain: bool = True,
+    ) -> list[ScopedPrediction]:
+        """As `predict`, with each text marked out_of_scope where the head's confidence is below its
+        calibrated threshold (a head without one, or `abstain` False, never abstains)."""
+        fm, learner = self._trained()
+        scoped = learner.predict_scoped(fm.encode(list(texts)), top=top, head=head, abstain=abstain)
+        return [
+            ScopedPrediction(
+                [Prediction(label, p) for label, p in r.ranked],
+                r.out_of_scope,
+                r.confidence if r.threshold is not None else None,
+            )
+            for r in scoped
+        ]
 
     def results(self) -> list[TaskResult]:
         """Every task learned in this work dir, in order (from its metrics.json)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from common.algorithms.abstention import Threshold
 from common.fm import FoundationModel
 from common.labels import normalize_text
 from fcl_client.checkpoint import Progress, Step
@@ -26,8 +27,6 @@ from fcl_client.learner import Learner
 log = logging.getLogger(__name__)
 HeadName = Literal["small", "personal"]
 HEADS: tuple[HeadName, ...] = ("small", "personal")
-# the label Learner.predict gives a text it abstains on (out-of-scope abstention): the answer marks it
-OUT_OF_SCOPE_LABEL = "out_of_scope"
 CHECKPOINTS_DIR = "checkpoints"  # as CheckpointStore names it (whose constructor creates it)
 MAX_IN_FLIGHT = 8  # predict requests admitted at once, encoding or waiting for the encoder thread
 RELOAD_INTERVAL_S = 1.0  # how often the work dir's progress.json is read for a newer snapshot
@@ -73,7 +72,8 @@ class LabelScore:
 @dataclass(frozen=True)
 class TextPrediction:
     labels: list[LabelScore]  # most probable first
-    out_of_scope: bool  # the learner abstained: its top label is OUT_OF_SCOPE_LABEL
+    out_of_scope: bool  # the head abstained: its confidence is below its calibrated threshold
+    confidence: float | None  # the threshold's score for this text (None: the head has no threshold)
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,7 @@ class Prediction:
     snapshot: int
     num_labels: int
     results: list[TextPrediction]  # one per text, in request order
+    threshold: Threshold | None  # what the head abstains below (None: never, or abstain off)
 
 
 def tasks_learned(progress: Progress) -> int:
@@ -91,9 +92,15 @@ def tasks_learned(progress: Progress) -> int:
 
 
 def predict(
-    fm: FoundationModel, model: LoadedModel, texts: Sequence[str], top_k: int, head: HeadName
+    fm: FoundationModel,
+    model: LoadedModel,
+    texts: Sequence[str],
+    top_k: int,
+    head: HeadName,
+    abstain: bool = True,
 ) -> Prediction:
-    """Top `top_k` labels of each text (NFC-normalised and stripped, as training texts were read)."""
+    """Top `top_k` labels of each text (NFC-normalised and stripped, as training texts were read), and
+    whether the head abstains on it (`abstain` and a calibrated threshold; docs/abstention.md)."""
     if not model.has(head):
         raise NoHeadYet(
             "no personalised head yet: it arrives when this client's first upload has been distilled; "
@@ -101,15 +108,18 @@ def predict(
             if head == "personal"
             else "no small model yet: run at least one task first (`fcl-client run`)"
         )
-    ranked = model.learner.predict(fm.encode([normalize_text(t) for t in texts]), top=top_k, head=head)
+    features = fm.encode([normalize_text(t) for t in texts])
+    scoped = model.learner.predict_scoped(features, top=top_k, head=head, abstain=abstain)
     results = [
         TextPrediction(
-            [LabelScore(label, prob) for label, prob in labels],
-            bool(labels) and labels[0][0] == OUT_OF_SCOPE_LABEL,
+            [LabelScore(label, prob) for label, prob in p.ranked],
+            p.out_of_scope,
+            p.confidence if p.threshold is not None else None,
         )
-        for labels in ranked
+        for p in scoped
     ]
-    return Prediction(head, model.version(head), model.snapshot, len(model.labels(head)), results)
+    threshold = model.learner.threshold(head) if abstain else None
+    return Prediction(head, model.version(head), model.snapshot, len(model.labels(head)), results, threshold)
 
 
 def read_progress(work_dir: Path) -> Progress | None:
@@ -175,12 +185,16 @@ class EdgePredictor:
     def current(self) -> LoadedModel:
         return self._current
 
-    def predict(self, texts: Sequence[str], top_k: int, head: HeadName) -> Prediction:
+    def predict(
+        self, texts: Sequence[str], top_k: int, head: HeadName, abstain: bool = True
+    ) -> Prediction:
         """On the encoder thread: the model is taken once, so a swap mid-call does not affect it."""
-        return predict(self.fm, self._current, texts, top_k, head)
+        return predict(self.fm, self._current, texts, top_k, head, abstain)
 
-    def submit(self, texts: Sequence[str], top_k: int, head: HeadName) -> futures.Future[Prediction]:
-        return self.executor.submit(self.predict, texts, top_k, head)
+    def submit(
+        self, texts: Sequence[str], top_k: int, head: HeadName, abstain: bool = True
+    ) -> futures.Future[Prediction]:
+        return self.executor.submit(self.predict, texts, top_k, head, abstain)
 
     # -- hot reload ------------------------------------------------------------------------------
     def check_for_newer(self) -> bool:

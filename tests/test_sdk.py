@@ -19,7 +19,7 @@ from common.datasets.records import Example
 from common.datasets.streams import Task, load_task_stream
 from common.fm import DEFAULT_FM, FoundationModel, FoundationModelError
 from common.stubs.fcl.v1 import fcl_pb2 as pb
-from fcl_client import FclClient, Registration, TaskResult
+from fcl_client import FclClient, Registration, ScopedPrediction, TaskResult
 from fcl_client import cli as client_cli
 from fcl_client.checkpoint import CheckpointStore
 from fcl_client.connection import Connection
@@ -30,6 +30,7 @@ from tests.servers import inprocess_server
 ROOT = Path(__file__).resolve().parents[1]
 # fewer optimizer steps than the defaults: the tests check the plumbing, not the last point of accuracy
 FAST = SMCFConfig(epochs=3, min_steps=150, consolidate_steps=100)
+OFF_TOPIC = "qwxz zzkv plorb"  # no intent of the built-in data
 
 
 def texts_labels(task: Task, test: bool = False) -> tuple[list[str], list[str]]:
@@ -65,6 +66,7 @@ class Trained:
     repeated: TaskResult
     status: pb.ServerStatus
     predictions: list[list[tuple[str, float]]]
+    scoped: list[ScopedPrediction]
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +83,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory, fm: FoundationModel, small
             repeated = learn(client, stream[0])
             after = client.register()
             predictions = client.predict([ex.text for ex in samples(stream)], top=3)
+            scoped = client.predict_scoped([ex.text for ex in samples(stream)] + [OFF_TOPIC], top=3)
         with Connection(target, "tok-admin") as admin:
             status = admin.status()
     finally:
         server.stop(grace=1)
-    return Trained(tmp / "work", stream, before, after, results, repeated, status, predictions)
+    return Trained(tmp / "work", stream, before, after, results, repeated, status, predictions, scoped)
 
 
 def test_register_says_what_the_server_said(trained: Trained, fm: FoundationModel) -> None:
@@ -137,6 +140,15 @@ def test_predictions_are_ranked_and_a_new_client_answers_offline(
     assert all(
         len(r) == 2 and r[0].label in {y for ys in trained.predictions for y, _ in ys} for r in personal
     )
+
+
+def test_predict_scoped_ranks_as_predict_and_marks_what_the_head_abstains_on(trained: Trained) -> None:
+    in_scope, off_topic = trained.scoped[:-1], trained.scoped[-1]
+    assert [[p.label for p in r.labels] for r in in_scope] == [[y for y, _ in r] for r in trained.predictions]
+    assert all(r.confidence is not None for r in trained.scoped)  # the small model was calibrated
+    assert sum(r.out_of_scope for r in in_scope) <= 1  # ~95% of in-scope texts are kept
+    assert off_topic.confidence is not None
+    assert off_topic.confidence < max(r.confidence or 0 for r in in_scope)
 
 
 def test_the_cli_reads_the_work_dir_the_sdk_wrote(

@@ -40,6 +40,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from common import wire_limits as wire
+from common.algorithms.abstention import Threshold
 from common.config import SMCFConfig
 from common.datasets.streams import Task, load_task_stream
 from common.fm import FoundationModel
@@ -49,10 +50,10 @@ from fcl_client import cli as client_cli
 from fcl_client import http_api
 from fcl_client import serving as edge_serving
 from fcl_client.checkpoint import CheckpointStore, Progress, Step
-from fcl_client.http_api import create_app
+from fcl_client.http_api import create_app, prediction_response
 from fcl_client.learner import Learner
 from fcl_client.runner import FM_ENCODING_FILE, FM_PATH_FILE
-from fcl_client.serving import OUT_OF_SCOPE_LABEL, EdgePredictor, LoadedModel, predict
+from fcl_client.serving import EdgePredictor, LoadedModel, predict
 from tests.servers import wait_until
 
 # fewer optimizer steps than the defaults: these tests check serving, not the last point of accuracy
@@ -318,16 +319,26 @@ def test_domain_predict_is_the_learners(
     assert model.learner.bank is None  # only the heads are kept for serving
 
 
-def test_abstention_is_marked_out_of_scope(fm: FoundationModel) -> None:
-    """A learner that answers `out_of_scope` (abstention) gets out_of_scope: true, the label still listed."""
-    learner = Learner(parse_spec("linear"), fm.feature_dim, fm.digest, labels=[OUT_OF_SCOPE_LABEL, "greet"])
+def test_a_text_below_the_heads_threshold_is_out_of_scope_unless_abstain_is_off(fm: FoundationModel) -> None:
+    """Abstention comes from the head's calibrated threshold; the ranking is still given."""
+    learner = Learner(parse_spec("linear"), fm.feature_dim, fm.digest, labels=["greet", "leave"])
     learner.model = SmallModel(parse_spec("linear"), fm.feature_dim, 2)
     with torch.no_grad():
         learner.model.out.weight.zero_()
-        learner.model.out.bias.copy_(torch.tensor([5.0, 0.0]))  # column 0, out_of_scope, wins for any text
-    got = predict(fm, LoadedModel(learner, 1, 1, "", 0.0), ["hello there"], 2, "small")
-    assert got.results[0].out_of_scope is True
-    assert [s.label for s in got.results[0].labels] == [OUT_OF_SCOPE_LABEL, "greet"]
+        learner.model.out.bias.copy_(torch.tensor([0.1, 0.0]))  # about 0.52 for "greet", any text
+    model = LoadedModel(learner, 1, 1, "", 0.0)
+    never = predict(fm, model, ["hello there"], 2, "small")  # no threshold yet: never abstains
+    assert not never.results[0].out_of_scope and never.results[0].confidence is None
+    assert never.threshold is None
+    learner.small_threshold = Threshold(0.9, source="holdout", samples=20)
+    got = predict(fm, model, ["hello there"], 2, "small")
+    assert got.results[0].out_of_scope is True and got.threshold == learner.small_threshold
+    assert got.results[0].confidence == pytest.approx(got.results[0].labels[0].probability)
+    assert [s.label for s in got.results[0].labels] == ["greet", "leave"]
+    raw = predict(fm, model, ["hello there"], 2, "small", abstain=False)
+    assert not raw.results[0].out_of_scope and raw.threshold is None
+    body = prediction_response(got).model_dump()
+    assert body["results"][0]["out_of_scope"] is True and body["threshold"] == 0.9
 
 
 def test_personal_head_before_the_first_round_is_409(no_personal_predictor: EdgePredictor) -> None:
