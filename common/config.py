@@ -13,8 +13,9 @@ class SMCFConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     temperature: float = Field(2.0, gt=0)
-    # defaults chosen on the CLINC150 val split (README, "Method choices"): with rank-8 statistics the
-    # replay already keeps old labels, and LwF towards the previous small model only held it back
+    # defaults chosen on the CLINC150 val split (docs/method.md, "Validation choices"): with rank-8
+    # statistics the replay already keeps old labels, and LwF towards the previous small model only held
+    # it back
     lambda_old: float = Field(0.0, ge=0, description="weight of LwF distillation from the previous model")
     lambda_fm: float = Field(4.0, ge=0, description="weight of FM assistance from the personalised head")
     lr: float = Field(2e-3, gt=0)
