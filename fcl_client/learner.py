@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from common.config import AbstentionConfig, SMCFConfig
 from common.metrics import head_accuracy
 from common.package import KnowledgePackage, decode_package, decode_stats, encode_package, encode_stats
 from common.zoo import ModelSpec, SmallModel
+from fcl_client.durable import atomic_write
 
 
 @dataclass(frozen=True)
@@ -228,14 +228,14 @@ class Learner:
         """Write the learner atomically (each file via temp + rename; meta.json last)."""
         directory.mkdir(parents=True, exist_ok=True)
         if self.model is not None:
-            _atomic_write(
+            atomic_write(
                 directory / "model.safetensors",
                 encode_package(KnowledgePackage.from_model(self.model, self.labels, self.fm_digest)),
             )
         if self.bank is not None and self.bank.stats:
-            _atomic_write(directory / "bank.safetensors", encode_stats(self.bank))
+            atomic_write(directory / "bank.safetensors", encode_stats(self.bank))
         if self.personal is not None:
-            _atomic_write(
+            atomic_write(
                 directory / "personal.safetensors",
                 encode_package(
                     KnowledgePackage.from_model(
@@ -259,7 +259,7 @@ class Learner:
                 "personal": _threshold_dict(self.personal_threshold),
             },
         }
-        _atomic_write(directory / "meta.json", json.dumps(meta, indent=1).encode())
+        atomic_write(directory / "meta.json", json.dumps(meta, indent=1).encode())
 
     @classmethod
     def load(cls, directory: Path) -> Learner:
@@ -291,12 +291,3 @@ def _threshold_dict(threshold: Threshold | None) -> dict[str, object] | None:
 
 def _threshold_of(raw: object) -> Threshold | None:
     return None if raw is None else Threshold.from_dict(raw)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

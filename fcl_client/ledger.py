@@ -8,7 +8,6 @@ examples it admitted, whatever the stream folder holds by then.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from common.datasets.checks import footer, load_labelled
 from common.datasets.problems import ProblemLog
 from common.datasets.records import DataFormatError, write_jsonl
 from common.datasets.streams import TEST_FILE, TRAIN_FILE, Task
+from fcl_client.durable import atomic_write, fsync_dir, fsync_file
 
 LEDGER_VERSION = 1
 Outcome = Literal["task", "rejected", "nothing-new"]
@@ -93,7 +93,7 @@ class LedgerStore:
 
     def save(self, ledger: Ledger) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path, ledger.to_json().encode())
+        atomic_write(self.path, ledger.to_json().encode())
 
     # -- the data of each task ----------------------------------------------------------------------
     def task_dir(self, index: int) -> Path:
@@ -108,9 +108,9 @@ class LedgerStore:
         write_jsonl(partial / TRAIN_FILE, task.train)
         write_jsonl(partial / TEST_FILE, task.test)
         for name in (TRAIN_FILE, TEST_FILE):
-            _fsync(partial / name)
+            fsync_file(partial / name)
         partial.rename(final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def read_task(self, entry: LedgerEntry) -> Task:
         folder = self.task_dir(entry.task_index)
@@ -144,26 +144,3 @@ def read_task_folder(folder: Path, name: str) -> Task:
     if not train:
         raise DataFormatError(f"{train_path} has no examples; every task needs at least one train example")
     return Task(name=name, train=train, test=test)
-
-
-def _fsync(path: Path) -> None:
-    with path.open("rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
