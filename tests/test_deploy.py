@@ -1074,13 +1074,18 @@ def test_systemd_server_unit_command_is_accepted() -> None:
     assert int(ini["Service"]["TimeoutStopSec"]) >= 130  # drain + the worker's 120 s to re-queue a job
 
 
-def test_systemd_client_unit_command_is_accepted_with_the_example_environment() -> None:
-    ini, values = unit("fcl-client@.service")
-    env = dict(
+def env_file(path: Path) -> dict[str, str]:
+    """The KEY=VALUE lines of a systemd EnvironmentFile example."""
+    return dict(
         line.split("=", 1)
-        for line in (SYSTEMD / "client.env.example").read_text().splitlines()
+        for line in path.read_text().splitlines()
         if line and not line.startswith("#")
     )
+
+
+def test_systemd_client_unit_command_is_accepted_with_the_example_environment() -> None:
+    ini, values = unit("fcl-client@.service")
+    env = env_file(SYSTEMD / "client.env.example")
     argv = exec_start(ini, env)
     assert argv[1] == "run"
     args = parse(argv)
@@ -1095,11 +1100,7 @@ def test_systemd_client_unit_command_is_accepted_with_the_example_environment() 
 
 def test_systemd_agent_unit_command_is_accepted_with_the_example_environment() -> None:
     ini, values = unit("fcl-agent@.service")
-    env = dict(
-        line.split("=", 1)
-        for line in (SYSTEMD / "agent.env.example").read_text().splitlines()
-        if line and not line.startswith("#")
-    )
+    env = env_file(SYSTEMD / "agent.env.example")
     argv = exec_start(ini, env)
     assert argv[1] == "agent"
     args = parse(argv, env)  # FCL_POLL_S and FCL_SETTLE_S of the env file reach the settings
