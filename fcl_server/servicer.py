@@ -129,9 +129,11 @@ class JobTicks:
     def _bump(self, change: JobChange) -> None:
         if change.moves_places:
             self._moves += 1
-        for job_id in self._seen:
-            if change.concerns(job_id, waiting=False):
+        if not change.job_id:  # several jobs, or G: every watched job looks again
+            for job_id in self._seen:
                 self._seen[job_id] += 1
+        elif change.job_id in self._seen:  # one job: a lookup, not a pass over every watcher
+            self._seen[change.job_id] += 1
         self._changed.set()
         self._changed = asyncio.Event()
 
