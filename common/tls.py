@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,30 @@ class TLSFiles:
             private_key=self._read(self.key, "TLS key"),
             certificate_chain=self._read(self.cert, "TLS certificate"),
         )
+
+
+def ssl_context(tls: TLSFiles) -> ssl.SSLContext | None:
+    """An HTTPS server context from the certificate and key (client certificates required with a CA);
+    None without a certificate. Unreadable or mismatched files raise TLSConfigError naming the file."""
+    if tls.cert is None or tls.key is None:
+        if tls.enabled:
+            raise TLSConfigError("HTTPS needs both --tls-cert and --tls-key")
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSConfigError(
+            f"cannot use TLS certificate {tls.cert} with key {tls.key}: {exc}; give a PEM certificate "
+            "chain and the private key that belongs to it"
+        ) from exc
+    if tls.ca is not None:
+        try:
+            context.load_verify_locations(cafile=str(tls.ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSConfigError(f"cannot read client CA {tls.ca}: {exc}; give a PEM CA certificate") from exc
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def is_loopback(listen: str) -> bool:

@@ -16,7 +16,7 @@ from common.datasets.records import DataFormatError
 from common.fm import FoundationModelError
 from common.logs import setup_logging
 from common.settings import SettingsError, add_settings_command, given_flags, load_settings
-from common.tls import TLSConfigError
+from common.tls import TLSConfigError, TLSFiles, is_loopback, ssl_context
 from common.zoo import SpecError
 from fcl_client.agent import run_agent
 from fcl_client.connection import Connection, TransferError
@@ -86,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=RELOAD_INTERVAL_S,
         help=f"seconds between checks for a newer checkpoint (default {RELOAD_INTERVAL_S:g})",
+    )
+    serve.add_argument(
+        "--api-token-file",
+        type=Path,
+        help="require 'Authorization: Bearer <the file's contents>' on /v1/ requests (docs/edge-serving.md)",
+    )
+    serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this PEM certificate chain")
+    serve.add_argument("--tls-key", type=Path, help="the certificate's PEM private key")
+    serve.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --listen without TLS or without --api-token-file",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
@@ -190,8 +203,42 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+MIN_API_TOKEN_CHARS = 16
+
+
+def read_api_token(path: Path) -> str:
+    """The API token in `path` (surrounding whitespace dropped): printable ASCII, no spaces, >= 16 chars."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read --api-token-file {path}: {exc}") from exc
+    if len(token) < MIN_API_TOKEN_CHARS or not all(33 <= ord(c) < 127 for c in token):
+        raise ValueError(
+            f"the API token in {path} must be at least {MIN_API_TOKEN_CHARS} printable ASCII characters "
+            "without spaces; make one with: openssl rand -hex 32 > FILE"
+        )
+    return token
+
+
+def serve_protection(args: argparse.Namespace, host: str) -> tuple[TLSFiles, str | None]:
+    """serve's TLS files (checked by loading them) and API token. A non-loopback address needs both,
+    as the server's and the dashboard's ports do, unless --insecure: what the node learned is private."""
+    tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+    ssl_context(tls)
+    token = read_api_token(args.api_token_file) if args.api_token_file else None
+    guards = (("TLS (--tls-cert/--tls-key)", tls.cert), ("an API token (--api-token-file)", token))
+    missing = [what for what, have in guards if not have]
+    if missing and not is_loopback(f"{host}:0") and not args.insecure:
+        raise ValueError(
+            f"refusing to serve on {host} without {' and '.join(missing)}: anyone who reaches it could "
+            "read what this node learned; pass them, or --insecure to accept that"
+        )
+    return tls, token
+
+
 def serve(args: argparse.Namespace) -> int:
     import socket
+    import ssl
 
     import torch
     import uvicorn
@@ -207,17 +254,24 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_in_flight < 1 or args.reload_interval <= 0:
         print("fcl-client: error: --max-in-flight must be >= 1 and --reload-interval > 0", file=sys.stderr)
         return 2
+    try:
+        tls, token = serve_protection(args, host)
+    except (TLSConfigError, ValueError) as exc:
+        print(f"fcl-client: error: {exc}", file=sys.stderr)
+        return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     predictor = EdgePredictor(args.work_dir, load_fm(args.work_dir, args.device), args.reload_interval)
-    app = create_app(predictor, max_in_flight=args.max_in_flight)
+    app = create_app(predictor, max_in_flight=args.max_in_flight, api_token=token)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
+    scheme, guard = ("https" if tls.cert else "http"), ("API token required" if token else "no API token")
     print(
-        f"fcl-client serve: listening on http://{shown}:{bound} (snapshot {predictor.current.snapshot})",
+        f"fcl-client serve: listening on {scheme}://{shown}:{bound} "
+        f"(snapshot {predictor.current.snapshot}, {guard})",
         flush=True,
     )
     config = uvicorn.Config(
@@ -228,6 +282,10 @@ def serve(args: argparse.Namespace) -> int:
         # open connections of any kind (uvicorn answers 503 past it); predicts have their own bound
         limit_concurrency=args.max_in_flight + 64,
         timeout_graceful_shutdown=30,
+        ssl_certfile=tls.cert,
+        ssl_keyfile=tls.key,
+        ssl_ca_certs=str(tls.ca) if tls.ca else None,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if tls.ca else ssl.CERT_NONE,
     )
     uvicorn.Server(config).run(sockets=[sock])
     return 0

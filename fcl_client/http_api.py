@@ -3,12 +3,14 @@
 The bounds are the server's Classify bounds (common/wire_limits.py), so the edge and the server accept
 the same requests. A flood is bounded twice: `PredictAdmission` admits at most `max_in_flight` predict
 requests at once (reading its body included, up to `max_body_bytes`) and answers 503 with Retry-After
-past that; uvicorn's `limit_concurrency` bounds open connections of every kind.
+past that; uvicorn's `limit_concurrency` bounds open connections of every kind. With an API token,
+`BearerAuth` refuses a /v1/ request without it before any of that (docs/edge-serving.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +29,9 @@ from common.labels import normalize_text, text_problem
 from fcl_client.serving import MAX_IN_FLIGHT, EdgePredictor, HeadName, LoadedModel, NoHeadYet, Prediction
 
 PREDICT_PATH = "/v1/predict"
+PROTECTED_PREFIX = "/v1/"  # what an API token guards
+BEARER_SCHEME = "bearer"
+CHALLENGE = b'Bearer realm="fcl-client serve"'
 RETRY_AFTER_S = 1
 BODY_TIMEOUT_S = 30.0  # a predict body must arrive within this: a slow sender cannot hold a slot
 # the longest valid body: every text at its longest, each character in its longest JSON form (a
@@ -186,7 +191,14 @@ _OVERLOADED = {
     "description": "more than the allowed predict requests are in progress; retry after Retry-After seconds",
     "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
 }
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {
+        "model": ErrorResponse,
+        "description": "no bearer token, or not this node's (only when serve runs with --api-token-file)",
+    },
+}
 PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    **UNAUTHORIZED,
     400: {"model": ErrorResponse, "description": "the body cannot be parsed (not UTF-8 JSON)"},
     409: {"model": ErrorResponse, "description": "the head asked for does not exist yet (run a round first)"},
     408: {"model": ErrorResponse, "description": f"the body did not arrive within {BODY_TIMEOUT_S:g} s"},
@@ -200,8 +212,10 @@ def create_app(
     max_in_flight: int = MAX_IN_FLIGHT,
     max_body_bytes: int = MAX_BODY_BYTES,
     watch: bool = True,
+    api_token: str | None = None,
 ) -> FastAPI:
-    """The app; with `watch` its lifespan polls for newer checkpoints; it closes the predictor."""
+    """The app; with `watch` its lifespan polls for newer checkpoints; it closes the predictor. With
+    `api_token`, every /v1/ request must send 'Authorization: Bearer <api_token>'."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -239,7 +253,12 @@ def create_app(
             raise HTTPException(409, str(exc)) from exc
         return prediction_response(prediction)
 
-    @app.get("/v1/model", response_model=ModelResponse, summary="The FM, the snapshot and both heads")
+    @app.get(
+        "/v1/model",
+        response_model=ModelResponse,
+        responses=UNAUTHORIZED,
+        summary="The FM, the snapshot and both heads",
+    )
     async def model() -> ModelResponse:
         return model_response(predictor, predictor.current)
 
@@ -248,7 +267,65 @@ def create_app(
         return Health(snapshot=predictor.current.snapshot)
 
     app.add_middleware(PredictAdmission, max_in_flight=max_in_flight, max_body_bytes=max_body_bytes)
+    if api_token is not None:
+        app.add_middleware(BearerAuth, token=api_token)  # added last: it runs first
+        _declare_bearer(app)
     return app
+
+
+def _declare_bearer(app: FastAPI) -> None:
+    """The schema says which operations need the bearer token (the /v1/ ones), so clients and
+    schema-driven tools send it."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                BEARER_SCHEME: {"type": "http", "scheme": "bearer"}
+            }
+            for path, operations in schema["paths"].items():
+                if path.startswith(PROTECTED_PREFIX):
+                    for operation in operations.values():
+                        operation["security"] = [{BEARER_SCHEME: []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+class BearerAuth:
+    """ASGI middleware: a /v1/ request without 'Authorization: Bearer <token>' gets 401 before its body
+    is read, so a caller without the token never holds a predict slot. /healthz (probes) and the schema
+    stay open: neither tells anything the node learned."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX):
+            given = _bearer_token(scope)
+            # constant time: the answer's timing says nothing about how much of a guess was right
+            if given is None or not hmac.compare_digest(given, self._token):
+                detail = (
+                    "send the node's API token as 'Authorization: Bearer TOKEN' (the contents of the "
+                    "file given to fcl-client serve --api-token-file)"
+                    if given is None
+                    else "this is not the node's API token (fcl-client serve --api-token-file)"
+                )
+                challenge = CHALLENGE if given is None else CHALLENGE + b', error="invalid_token"'
+                await _reply(send, 401, detail, [(b"www-authenticate", challenge)])
+                return
+        await self.app(scope, receive, send)
+
+
+def _bearer_token(scope: Scope) -> bytes | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" and token.strip() else None
+    return None
 
 
 class PredictAdmission:

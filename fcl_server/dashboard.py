@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from common.report.svg import Series, line_chart
-from common.tls import TLSConfigError, TLSFiles, is_loopback
+from common.tls import TLSConfigError, TLSFiles, is_loopback, ssl_context
 from fcl_server.errors import PermissionDenied, Unauthenticated
 from fcl_server.service import FclService, StatusView
 from fcl_server.state import GLOBAL, PERSONAL, HeadVersion, Job, JobState, Principal, Record
@@ -354,18 +354,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("dashboard: " + format, *args)
-
-
-def ssl_context(tls: TLSFiles) -> ssl.SSLContext | None:
-    """HTTPS with the gRPC server's certificate and key (client certificates required with a client CA)."""
-    if tls.cert is None or tls.key is None:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tls.cert, tls.key)
-    if tls.ca is not None:
-        context.load_verify_locations(cafile=str(tls.ca))
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 class DashboardServer:

@@ -33,6 +33,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    ignored_auth,
     negative_data_rejection,
     response_headers_conformance,
     response_schema_conformance,
@@ -148,45 +149,52 @@ def serving(predictor: EdgePredictor, **options: Any) -> Iterator[str]:
 @dataclass
 class ServeProcess:
     url: str
-    proc: subprocess.Popen[str]
 
 
-@pytest.fixture(scope="module")
-def served(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    """A real `fcl-client serve` process on port 0 over the trained work dir."""
+@contextmanager
+def serve_process(work: Path, log: Path, *options: str, ca: Path | None = None) -> Iterator[tuple[str, str]]:
+    """A real `fcl-client serve` process on 127.0.0.1:0 (HTTPS ones trusted by `ca`); yields its first line
+    and base URL."""
     cmd = [
         sys.executable,
         "-m",
         "fcl_client.cli",
         "serve",
         "--work-dir",
-        str(trained.work),
+        str(work),
         "--listen",
         "127.0.0.1:0",
-        "--threads",
-        "1",
-        "--log-level",
-        "warning",
     ]
-    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    cmd += ["--threads", "1", "--log-level", "warning", *options]
     with log.open("w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # "fcl-client serve: listening on http://127.0.0.1:PORT (...)"
-        assert "listening on http://" in line, (line, log.read_text())
+        assert "listening on http" in line, (line, log.read_text())
         url = line.split("listening on ")[1].split()[0]
-        wait_until(lambda: _up(url), "fcl-client serve answered /healthz", timeout=60)
-        yield ServeProcess(url, proc)
+        wait_until(
+            lambda: _up(url, proc, str(ca) if ca else True), "fcl-client serve answered /healthz", timeout=60
+        )
+        yield line, url
     finally:
         proc.terminate()  # uvicorn shuts down gracefully, then exits by the signal it was sent
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()
         assert "Traceback" not in log.read_text(), log.read_text()
 
 
-def _up(url: str) -> bool:
+@pytest.fixture(scope="module")
+def served(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """A real `fcl-client serve` process on port 0 over the trained work dir."""
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    with serve_process(trained.work, log) as (_, url):
+        yield ServeProcess(url)
+
+
+def _up(url: str, proc: subprocess.Popen[str], verify: str | bool) -> bool:
+    assert proc.poll() is None, f"fcl-client serve exited with {proc.returncode}"
     try:
-        return requests.get(f"{url}/healthz", timeout=5).status_code == 200
+        return requests.get(f"{url}/healthz", timeout=5, verify=verify).status_code == 200
     except requests.ConnectionError:
         return False
 
@@ -204,7 +212,9 @@ def no_personal_predictor(trained: Trained, fm: FoundationModel) -> Iterator[Edg
 EXAMPLES = 25  # per operation and mode: enough to hit every bound's edge, few enough to stay fast
 
 
-def check_every_operation(schema: Any, checks: list[Any] | None = None) -> list[str]:
+def check_every_operation(
+    schema: Any, checks: list[Any] | None = None, headers: dict[str, str] | None = None
+) -> list[str]:
     """Run generated positive and negative cases of every operation; returns the operations checked."""
     checked = []
     for result in schema.get_all_operations():
@@ -220,7 +230,7 @@ def check_every_operation(schema: Any, checks: list[Any] | None = None) -> list[
             )
             @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
             def call(case: Any) -> None:
-                case.call_and_validate(checks=checks)
+                case.call_and_validate(checks=checks, headers=headers)
 
             try:
                 call()
@@ -574,3 +584,106 @@ def test_a_body_that_stalls_is_answered_408(
     assert answer.startswith("HTTP/1.1 408"), answer
     assert "did not arrive within 0.5 s" in answer
     assert fine.status_code == 200
+
+
+# -- API token and TLS -------------------------------------------------------------------------------------
+API_TOKEN = "edge-node-token-0123456789abcdef"
+
+
+def test_with_an_api_token_v1_needs_it_and_the_schema_says_so(no_personal_predictor: EdgePredictor) -> None:
+    """401 without the token or with another one, before the body is read; /healthz and the schema stay
+    open; schemathesis' ignored_auth check probes every /v1/ operation without and with a wrong token."""
+    with serving(no_personal_predictor, api_token=API_TOKEN, max_in_flight=1) as url:
+        body = {"texts": ["what is my balance"]}
+        missing = requests.post(f"{url}/v1/predict", json=body, timeout=30)
+        wrong = requests.get(f"{url}/v1/model", headers={"Authorization": "Bearer not-it"}, timeout=30)
+        right = {"Authorization": f"Bearer {API_TOKEN}"}
+        assert missing.status_code == 401 and "--api-token-file" in missing.json()["detail"]
+        assert missing.headers["www-authenticate"] == 'Bearer realm="fcl-client serve"'
+        assert wrong.status_code == 401 and 'error="invalid_token"' in wrong.headers["www-authenticate"]
+        assert requests.post(f"{url}/v1/predict", json=body, headers=right, timeout=30).status_code == 200
+        assert requests.get(f"{url}/v1/model", headers=right, timeout=30).status_code == 200
+        assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+        # refused unread: a body that is never sent does not hold the only predict slot
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+            assert conn.recv(4096).startswith(b"HTTP/1.1 401")
+        spec = requests.get(f"{url}/openapi.json", timeout=30).json()
+        assert spec["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+        secured = {p for p, ops in spec["paths"].items() if all("security" in op for op in ops.values())}
+        assert secured == {"/v1/predict", "/v1/model"}
+        schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+        checks = [*CONFORMANCE, ignored_auth]
+        assert sorted(check_every_operation(schema, checks, headers=right)) == [
+            "GET /healthz",
+            "GET /v1/model",
+            "POST /v1/predict",
+        ]
+
+
+def _self_signed(d: Path) -> tuple[Path, Path]:
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+            *("-nodes", "-keyout", "key.pem", "-out", "cert.pem", "-days", "1", "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        cwd=d,
+        check=True,
+        capture_output=True,
+    )
+    return d / "cert.pem", d / "key.pem"
+
+
+def test_real_process_over_https_with_an_api_token(trained: Trained, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    token_file = tmp_path / "api-token"
+    token_file.write_text(API_TOKEN + "\n")
+    argv = ["--tls-cert", str(cert), "--tls-key", str(key), "--api-token-file", str(token_file)]
+    with serve_process(trained.work, tmp_path / "serve.log", *argv, ca=cert) as (line, url):
+        assert url.startswith("https://127.0.0.1:") and "API token required" in line
+        answered = requests.post(
+            f"{url}/v1/predict",
+            json={"texts": texts_of(trained.stream[0], 2)},
+            headers={"Authorization": f"Bearer {API_TOKEN}"},
+            verify=str(cert),
+            timeout=60,
+        )
+        assert answered.status_code == 200 and len(answered.json()["results"]) == 2
+        assert (
+            requests.post(
+                f"{url}/v1/predict", json={"texts": ["x"]}, verify=str(cert), timeout=60
+            ).status_code
+            == 401
+        )
+        with pytest.raises(requests.ConnectionError):  # plain HTTP to the HTTPS port gets no answer
+            requests.get(url.replace("https://", "http://") + "/healthz", timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--listen", "0.0.0.0:0"], "without TLS (--tls-cert/--tls-key) and an API token (--api-token-file)"),
+        (["--listen", "0.0.0.0:0", "--api-token-file", "TOKEN"], "without TLS (--tls-cert/--tls-key):"),
+        (["--api-token-file", "SHORT"], "at least 16 printable ASCII characters"),
+        (["--api-token-file", "MISSING"], "cannot read --api-token-file"),
+        (["--tls-cert", "CERT"], "HTTPS needs both --tls-cert and --tls-key"),
+        (["--tls-cert", "CERT", "--tls-key", "TOKEN"], "cannot use TLS certificate"),
+    ],
+)
+def test_unprotected_public_listen_and_bad_token_or_tls_files_are_refused_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], says: str
+) -> None:
+    cert, _ = _self_signed(tmp_path)
+    (tmp_path / "TOKEN").write_text(API_TOKEN)
+    (tmp_path / "SHORT").write_text("abc")
+    files = {
+        "TOKEN": tmp_path / "TOKEN",
+        "SHORT": tmp_path / "SHORT",
+        "MISSING": tmp_path / "no",
+        "CERT": cert,
+    }
+    argv = ["serve", "--work-dir", str(tmp_path), *[str(files.get(o, o)) for o in options]]
+    assert client_cli.main(argv) == 2
+    assert says in capsys.readouterr().err
