@@ -16,8 +16,9 @@ TOLERANCE = {"bf16": (0.01, 0.9995), "fp16": (0.002, 0.9999)}  # (max |feature d
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_half_precision_features_match_float32(fm: FoundationModel, dtype: str) -> None:
     public = builtin.load_public()
-    texts = [ex.text for ex in builtin.load_test()][:320]
-    texts += [" ".join(public[i : i + 12]) for i in range(0, 12 * 32, 12)]  # 120-180 tokens each
+    # a subset of the texts the bounds were measured on: its largest difference cannot be larger
+    texts = [ex.text for ex in builtin.load_test()][:128]
+    texts += [" ".join(public[i : i + 12]) for i in range(0, 12 * 12, 12)]  # 120-180 tokens each
     half = FoundationModel(device="cpu", dtype=dtype)
     assert next(half.model.parameters()).dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     assert half.digest == fm.digest  # the same FM to every other node: dtype is not in the digest

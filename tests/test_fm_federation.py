@@ -156,7 +156,16 @@ def check_run(status: pb.ServerStatus, global_blob: bytes, tmp_path: Path, label
         assert [r["task_index"] for r in records] == [0, 1]
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
+# bert in the default run; the other two layouts are loaded and encoded there too (test_fm_encoders.py),
+# and their whole federated runs (35-40 s each) are in `make test-slow`
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "bert",
+        pytest.param("roberta", marks=pytest.mark.slow),
+        pytest.param("distilbert", marks=pytest.mark.slow),
+    ],
+)
 def test_a_federated_run_on_a_tiny_encoder(tmp_path: Path, arch: str) -> None:
     fm_dir = build_tiny_encoder(
         tmp_path / "fm", arch, ENGLISH + [p for ps in ENGLISH_DATA.values() for p in ps]
