@@ -84,3 +84,19 @@ def predict_offline(work_dir: Path, *texts: str) -> list[dict[str, Any]]:
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     answers: list[dict[str, Any]] = json.loads(out.stdout)
     return answers
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A one-day EC certificate for localhost and 127.0.0.1 (cert.pem, key.pem in `directory`): for HTTPS
+    servers the tests trust by that file."""
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+            *("-nodes", "-keyout", "key.pem", "-out", "cert.pem", "-days", "1", "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        cwd=directory,
+        check=True,
+        capture_output=True,
+    )
+    return directory / "cert.pem", directory / "key.pem"

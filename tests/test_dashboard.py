@@ -7,7 +7,6 @@ import http.client
 import io
 import re
 import ssl
-import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from html import escape
@@ -30,7 +29,7 @@ from fcl_server.service import FclService
 from fcl_server.settings import ServeSettings
 from fcl_server.state import JobState, State
 from tests import browser
-from tests.servers import inprocess_server, package_bytes
+from tests.servers import inprocess_server, package_bytes, self_signed_cert
 
 ADMIN = "fcl_admin-token"
 CLIENT = "fcl_client-token"
@@ -199,20 +198,11 @@ def test_plaintext_only_on_loopback_unless_insecure(service: FclService) -> None
 
 
 def test_dashboard_over_https(service: FclService, tmp_path: Path) -> None:
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
-            *("-nodes", "-keyout", "key.pem", "-out", "cert.pem", "-days", "1", "-subj", "/CN=localhost"),
-            *("-addext", "subjectAltName=IP:127.0.0.1"),
-        ],
-        cwd=tmp_path,
-        check=True,
-        capture_output=True,
-    )
-    running = start_dashboard(service, "0.0.0.0:0", TLSFiles(tmp_path / "cert.pem", tmp_path / "key.pem"))
+    cert, key = self_signed_cert(tmp_path)
+    running = start_dashboard(service, "0.0.0.0:0", TLSFiles(cert, key))
     try:
         assert running.scheme == "https"
-        context = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        context = ssl.create_default_context(cafile=str(cert))
         assert request(running.port, token=ADMIN, https=context)[0] == 200
         with pytest.raises(http.client.RemoteDisconnected):
             request(running.port, token=ADMIN)  # plain HTTP to the HTTPS port gets nothing

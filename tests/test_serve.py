@@ -55,7 +55,7 @@ from fcl_client.http_api import create_app, prediction_response
 from fcl_client.learner import Learner
 from fcl_client.runner import FM_ENCODING_FILE, FM_PATH_FILE
 from fcl_client.serving import EdgePredictor, LoadedModel, predict
-from tests.servers import wait_until
+from tests.servers import self_signed_cert, wait_until
 
 # fewer optimizer steps than the defaults: these tests check serving, not the last point of accuracy
 FAST = SMCFConfig(epochs=2, min_steps=60, consolidate_steps=0)
@@ -622,22 +622,8 @@ def test_with_an_api_token_v1_needs_it_and_the_schema_says_so(no_personal_predic
         ]
 
 
-def _self_signed(d: Path) -> tuple[Path, Path]:
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
-            *("-nodes", "-keyout", "key.pem", "-out", "cert.pem", "-days", "1", "-subj", "/CN=localhost"),
-            *("-addext", "subjectAltName=IP:127.0.0.1"),
-        ],
-        cwd=d,
-        check=True,
-        capture_output=True,
-    )
-    return d / "cert.pem", d / "key.pem"
-
-
 def test_real_process_over_https_with_an_api_token(trained: Trained, tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     token_file = tmp_path / "api-token"
     token_file.write_text(API_TOKEN + "\n")
     argv = ["--tls-cert", str(cert), "--tls-key", str(key), "--api-token-file", str(token_file)]
@@ -675,7 +661,7 @@ def test_real_process_over_https_with_an_api_token(trained: Trained, tmp_path: P
 def test_unprotected_public_listen_and_bad_token_or_tls_files_are_refused_at_start(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], says: str
 ) -> None:
-    cert, _ = _self_signed(tmp_path)
+    cert, _ = self_signed_cert(tmp_path)
     (tmp_path / "TOKEN").write_text(API_TOKEN)
     (tmp_path / "SHORT").write_text("abc")
     files = {
